@@ -1,0 +1,91 @@
+"""Attention functions the model can run with, and the metadata they share.
+
+The model never builds a mask or picks an attention implementation itself: it
+passes q, k, v and an :class:`AttentionMeta` to an *attention function* with
+the signature ``fn(q, k, v, meta, window, scale) -> out``. Lessons swap the
+function (our Triton flash kernel, a paged kernel) without touching the model.
+
+Positions are explicit. Each sequence of a batch has its own length; a query
+at position p sees the valid keys at positions <= p (and > p - window with a
+sliding window). When queries are fewer than keys (decode, chunked prefill,
+verifying draft tokens) this rule aligns the mask bottom-right, which torch
+SDPA's ``is_causal=True`` does not (it aligns top-left): we never use it with a
+cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .kernels.reference import attention_ref, causal_mask
+
+
+@dataclass
+class AttentionMeta:
+    """What an attention function needs to know besides q, k and v.
+
+    q_pos: (B, T) int64 positions of this step's queries.
+    k_pos: (B, S) int64 positions of the keys the attention reads.
+    k_valid: (B, S) bool, False for padding and for empty cache slots.
+    Masks are built lazily, once per forward, and shared by all layers.
+    """
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    k_valid: torch.Tensor | None = None
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def mask(self, window: int | None = None) -> torch.Tensor:
+        """(B, 1, T, S) bool visibility mask for a layer with this window."""
+        if window not in self._masks:
+            self._masks[window] = causal_mask(self.q_pos, self.k_pos, self.k_valid, window)
+        return self._masks[window]
+
+
+class AttentionFn(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
+                 window: int | None, scale: float) -> torch.Tensor: ...
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
+                    window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """Reference attention: materialises the scores (float32 softmax).
+
+    q: (B, Hq, T, D); k, v: (B, Hkv, S, D). Returns (B, Hq, T, D).
+    """
+    return attention_ref(q, k, v, meta.mask(window), scale)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
+                   window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """torch's scaled_dot_product_attention with an explicit position mask.
+
+    Grouped-query attention is handled by ``enable_gqa`` (no copy of K and V
+    per query head). q: (B, Hq, T, D); k, v: (B, Hkv, S, D).
+    Returns (B, Hq, T, D).
+    """
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=meta.mask(window), scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
+ATTENTION_FUNCTIONS: dict[str, Callable] = {
+    "sdpa": sdpa_attention,
+    "naive": naive_attention,
+}
+
+
+def get_attention(name_or_fn: str | Callable) -> Callable:
+    """An attention function by name ('sdpa', 'naive') or the function itself."""
+    if callable(name_or_fn):
+        return name_or_fn
+    try:
+        return ATTENTION_FUNCTIONS[name_or_fn]
+    except KeyError:
+        raise ValueError(f"unknown attention {name_or_fn!r}; known: "
+                         f"{', '.join(ATTENTION_FUNCTIONS)}") from None

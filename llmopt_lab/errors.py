@@ -1,0 +1,31 @@
+"""Errors the library raises on bad input.
+
+Every error a user can cause by passing the wrong thing derives from
+:class:`LlmoptError`, so the command line can print its one-line message
+instead of a traceback. Each message names the cause and, where there is one,
+the fix.
+"""
+
+
+class LlmoptError(Exception):
+    """Base class for user-facing errors of llmopt_lab (one-line messages)."""
+
+
+class ConfigError(LlmoptError, ValueError):
+    """A model configuration the library cannot run (or that is malformed)."""
+
+
+class ModelLoadError(LlmoptError, ValueError):
+    """A model could not be loaded: missing path, offline hub, bad checkpoint."""
+
+
+class UnsupportedDtypeError(LlmoptError, ValueError):
+    """A dtype the requested device cannot compute in."""
+
+
+class CacheError(LlmoptError, ValueError):
+    """A KV cache that does not fit the model, the batch, or the request."""
+
+
+class GenerationError(LlmoptError, ValueError):
+    """Bad arguments to generation (lengths, sampling parameters)."""
