@@ -37,6 +37,10 @@ class AttentionMeta:
     q_pos: torch.Tensor
     k_pos: torch.Tensor
     k_valid: torch.Tensor | None = None
+    #: True when queries and keys are the same tokens at positions 0..T-1 with
+    #: no padding (training, a plain forward): then the plain causal mask is
+    #: exact and kernels may use their built-in causal path.
+    is_plain_causal: bool = False
     _masks: dict = field(default_factory=dict, repr=False)
 
     def mask(self, window: int | None = None) -> torch.Tensor:
@@ -68,10 +72,12 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Atte
     per query head). q: (B, Hq, T, D); k, v: (B, Hkv, S, D).
     Returns (B, Hq, T, D).
     """
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=meta.mask(window), scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
+    gqa = q.shape[1] != k.shape[1]
+    if meta.is_plain_causal and window is None:
+        # square and unpadded: top-left and bottom-right alignment coincide
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=meta.mask(window), scale=scale,
+                                          enable_gqa=gqa)
 
 
 ATTENTION_FUNCTIONS: dict[str, Callable] = {

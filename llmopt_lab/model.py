@@ -207,6 +207,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         dev = input_ids.device
         steps = torch.arange(T, device=dev)
+        plain = positions is None and cache is None and lengths is None
         if positions is None:
             start = cache.lengths[:, None] if cache is not None else 0
             positions = (start + steps).expand(B, T)
@@ -215,7 +216,8 @@ class Transformer(nn.Module):
             cache.check_compatible(self.config, B, self.dtype, dev)
             meta = cache.begin(positions, token_valid)
         else:
-            meta = AttentionMeta(q_pos=positions, k_pos=positions, k_valid=token_valid)
+            meta = AttentionMeta(q_pos=positions, k_pos=positions, k_valid=token_valid,
+                                 is_plain_causal=plain)
         attn_fn = attn_fn or self.attn_fn
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)

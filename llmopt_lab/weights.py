@@ -113,12 +113,13 @@ def _resolve_folder(name: str) -> Path:
         return path
     if path.exists():
         raise ModelLoadError(f"{path} is a file; give the checkpoint's folder (with config.json)")
-    is_hub_id = (name.count("/") == 1 and not name.startswith((".", "/", "~"))
-                 and all(part.strip() for part in name.split("/")))
-    if not is_hub_id:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        raise ModelLoadError(f"path {name!r} does not exist; give an existing checkpoint folder "
+                             "(with config.json and *.safetensors)")
+    if name.count("/") != 1 or not all(part.strip() for part in name.split("/")):
         raise ModelLoadError(
             f"{name!r} is not a zoo model ({', '.join(ZOO)}), an existing folder, "
-            "or a hub id of the form org/name; check the spelling or the path")
+            "or a hub id of the form org/name; check the spelling")
     return _download_from_hub(name)
 
 

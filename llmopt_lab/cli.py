@@ -1,0 +1,66 @@
+"""The command line: ``python -m llmopt_lab COMMAND ...``.
+
+Each command lives in the module that owns the work and exposes two
+functions, ``add_arguments(parser)`` and ``run(args) -> int``; only the chosen
+command's module is imported (so ``--help`` is instant). Errors the user can
+fix (:class:`~llmopt_lab.errors.LlmoptError`) print as one line, not a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: command -> (module with add_arguments/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("llmopt_lab.commands.info", "device, versions, kernel mode and the device's limits"),
+    "generate": ("llmopt_lab.commands.generate", "complete a prompt with a model (zoo name, folder or hub id)"),
+    "tour": ("llmopt_lab.commands.tour", "run every lesson's benchmark at a size that fits this device"),
+    "bench": ("llmopt_lab.commands.bench", "run one lesson's benchmark (GPU-scale sizes available)"),
+    "exercises": ("llmopt_lab.exercises", "build exercises/ from solutions/ (or check they are current)"),
+    "train-zoo": ("llmopt_lab.zoo.train", "train the built-in models (llmopt-tiny, llmopt-tiny-draft)"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m llmopt_lab",
+        description="llmopt-lab: the command line of the course on fast LLM inference.",
+        epilog="Run `python -m llmopt_lab COMMAND --help` for a command's options.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import LlmoptError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"python -m llmopt_lab {name}",
+                                     description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except LlmoptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

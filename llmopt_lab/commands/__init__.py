@@ -1,0 +1,1 @@
+"""Command-line commands (see :mod:`llmopt_lab.cli`)."""
