@@ -206,6 +206,8 @@ class Transformer(nn.Module):
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         dev = input_ids.device
+        if cache is not None:
+            cache.check_compatible(self.config, B, self.dtype, dev)
         steps = torch.arange(T, device=dev)
         plain = positions is None and cache is None and lengths is None
         if positions is None:
@@ -213,7 +215,6 @@ class Transformer(nn.Module):
             positions = (start + steps).expand(B, T)
         token_valid = None if lengths is None else steps[None, :] < lengths[:, None]  # (B, T)
         if cache is not None:
-            cache.check_compatible(self.config, B, self.dtype, dev)
             meta = cache.begin(positions, token_valid)
         else:
             meta = AttentionMeta(q_pos=positions, k_pos=positions, k_valid=token_valid,
