@@ -1,0 +1,148 @@
+"""Exercise notebooks are generated from solution notebooks.
+
+``solutions/NN_topic.ipynb`` is the single source. In its code cells, the
+parts a learner writes sit between ``### BEGIN SOLUTION`` and
+``### END SOLUTION`` lines, always inside a function body. :func:`make_exercise`
+replaces each such block with one line that raises NotImplementedError
+saying what to implement (the text after ``### BEGIN SOLUTION:`` if given,
+else the function's name), and clears every output.
+
+Grader cells carry the cell tag ``grader``: they call
+:func:`llmopt_lab.grading.check` on the learner's function. In a solution
+notebook they pass; in an exercise notebook each of them must fail.
+
+Command line::
+
+    python -m llmopt_lab exercises build    # write exercises/ from solutions/
+    python -m llmopt_lab exercises check    # fail if exercises/ is stale
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+BEGIN = re.compile(r"^(?P<indent>[ \t]*)### BEGIN SOLUTION(?::\s*(?P<what>.*))?$")
+END = re.compile(r"^[ \t]*### END SOLUTION\s*$")
+DEF = re.compile(r"^(?P<indent>[ \t]*)(?:async\s+)?def\s+(?P<name>\w+)\s*\(")
+GRADER_TAG = "grader"
+
+
+class ExerciseFormatError(ValueError):
+    """A solution notebook whose markers cannot be turned into an exercise."""
+
+
+def strip_solutions(source: str, where: str = "cell") -> tuple[str, int]:
+    """Replace every solution block of a cell's source; return (new source, blocks).
+
+    Raises ExerciseFormatError for an unclosed/unopened block or a block that
+    is not inside a function body.
+    """
+    lines = source.split("\n")
+    out: list[str] = []
+    blocks, i = 0, 0
+    while i < len(lines):
+        m = BEGIN.match(lines[i])
+        if END.match(lines[i]):
+            raise ExerciseFormatError(f"{where}: '### END SOLUTION' without a BEGIN (line {i + 1})")
+        if not m:
+            out.append(lines[i])
+            i += 1
+            continue
+        indent = m.group("indent")
+        func = _enclosing_function(lines, i, indent)
+        if func is None:
+            raise ExerciseFormatError(
+                f"{where}: a solution block must sit inside a function body (line {i + 1})")
+        j = i + 1
+        while j < len(lines) and not END.match(lines[j]):
+            if BEGIN.match(lines[j]):
+                raise ExerciseFormatError(f"{where}: nested '### BEGIN SOLUTION' (line {j + 1})")
+            j += 1
+        if j == len(lines):
+            raise ExerciseFormatError(f"{where}: '### BEGIN SOLUTION' without an END (line {i + 1})")
+        what = (m.group("what") or f"the body of {func}()").strip().replace('"', "'")
+        out.append(f'{indent}raise NotImplementedError("Exercise: {what}")')
+        blocks += 1
+        i = j + 1
+    return "\n".join(out), blocks
+
+
+def _enclosing_function(lines: list[str], i: int, indent: str) -> str | None:
+    for k in range(i - 1, -1, -1):
+        m = DEF.match(lines[k])
+        if m and len(m.group("indent")) < len(indent):
+            return m.group("name")
+    return None
+
+
+def make_exercise(solution_nb):
+    """An exercise notebook (nbformat node) from a solution notebook node."""
+    import copy
+
+    nb = copy.deepcopy(solution_nb)
+    total = 0
+    for n, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        cell.source, blocks = strip_solutions(cell.source, where=f"cell {n}")
+        total += blocks
+        cell.outputs = []
+        cell.execution_count = None
+        cell.metadata.pop("execution", None)
+    if total == 0:
+        raise ExerciseFormatError("no '### BEGIN SOLUTION' block found")
+    nb.metadata.pop("widgets", None)
+    return nb
+
+
+def build(solutions: Path, exercises: Path, check_only: bool = False) -> list[str]:
+    """Generate every exercise; return the names that changed (or would)."""
+    import nbformat
+
+    changed = []
+    exercises.mkdir(parents=True, exist_ok=True)
+    for src in sorted(solutions.glob("[0-9][0-9]_*.ipynb")):
+        try:
+            ex = make_exercise(nbformat.read(src, as_version=4))
+        except ExerciseFormatError as e:
+            raise ExerciseFormatError(f"{src}: {e}") from None
+        text = nbformat.writes(ex) + "\n"
+        dst = exercises / src.name
+        if not dst.exists() or dst.read_text(encoding="utf-8") != text:
+            changed.append(src.name)
+            if not check_only:
+                dst.write_text(text, encoding="utf-8")
+    stale = sorted({p.name for p in exercises.glob("*.ipynb")} - {p.name for p in solutions.glob("*.ipynb")})
+    if stale:
+        changed += [f"{name} (no solution)" for name in stale]
+    return changed
+
+
+def add_arguments(p) -> None:
+    p.add_argument("action", choices=["build", "check"],
+                   help="build: write exercises/ from solutions/; check: fail if stale")
+    p.add_argument("--root", default=".", help="repository root (default: current folder)")
+
+
+def run(args) -> int:
+    root = Path(args.root)
+    if not (root / "solutions").is_dir():
+        from .errors import LlmoptError
+
+        raise LlmoptError(f"no solutions/ folder under {root.resolve()}; run from the repository root")
+    try:
+        changed = build(root / "solutions", root / "exercises", check_only=args.action == "check")
+    except ExerciseFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.action == "check":
+        if changed:
+            print("exercises are stale: " + ", ".join(changed)
+                  + " (run `python -m llmopt_lab exercises build`)")
+            return 1
+        print("exercises are up to date")
+        return 0
+    print(f"wrote {len(changed)} exercise notebook(s)" + (": " + ", ".join(changed) if changed else ""))
+    return 0

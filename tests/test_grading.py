@@ -1,0 +1,100 @@
+"""The exercise machinery: solution stripping and graders that report clearly."""
+
+import nbformat
+import pytest
+import torch
+
+from llmopt_lab.exercises import ExerciseFormatError, make_exercise, strip_solutions
+from llmopt_lab.grading import Case, GradingError, check, close
+
+SOLUTION = '''import math
+
+def area(r):
+    """Area of a circle."""
+    ### BEGIN SOLUTION: return pi r squared
+    return math.pi * r * r
+    ### END SOLUTION
+
+class Shape:
+    def scale(self, k):
+        x = 1
+        ### BEGIN SOLUTION
+        return k * x
+        ### END SOLUTION'''
+
+
+def test_strip_keeps_indentation_and_says_what_to_do():
+    src, n = strip_solutions(SOLUTION)
+    assert n == 2
+    assert '    raise NotImplementedError("Exercise: return pi r squared")' in src
+    assert '        raise NotImplementedError("Exercise: the body of scale()")' in src
+    assert "math.pi * r" not in src and "k * x" not in src
+    ns = {}
+    exec(src, ns)
+    with pytest.raises(NotImplementedError, match="pi r squared"):
+        ns["area"](1.0)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("### BEGIN SOLUTION\nx = 1\n### END SOLUTION", "inside a function"),
+    ("def f():\n    ### BEGIN SOLUTION\n    return 1", "without an END"),
+    ("def f():\n    return 1\n    ### END SOLUTION", "without a BEGIN"),
+])
+def test_malformed_blocks_are_refused(bad, match):
+    with pytest.raises(ExerciseFormatError, match=match):
+        strip_solutions(bad)
+
+
+def test_make_exercise_clears_outputs():
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(SOLUTION, execution_count=3,
+                                     outputs=[nbformat.v4.new_output("stream", text="hi")])
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), cell]
+    ex = make_exercise(nb)
+    assert ex.cells[1].outputs == [] and ex.cells[1].execution_count is None
+    assert nb.cells[1].outputs  # the solution is untouched
+
+
+def test_check_passes_and_prints(capsys):
+    cases = [Case("small", (2.0,)), Case("zero", (0.0,))]
+    assert check(lambda r: 3.0 * r, lambda r: 3.0 * r, cases, name="triple") == 2
+    assert capsys.readouterr().out.count("✅") == 2
+
+
+def test_check_reports_expected_got_and_hint(capsys):
+    cases = [Case("ok", (0.0,)), Case("two", (2.0,), hint="multiply by three")]
+    with pytest.raises(GradingError, match="1 of 2 cases failed"):
+        check(lambda r: 2.0 * r, lambda r: 3.0 * r, cases, name="triple")
+    out = capsys.readouterr().out
+    assert "❌ two" in out and "expected: 6" in out and "got:      4" in out
+    assert "hint: multiply by three" in out
+
+
+def test_not_implemented_is_chained(capsys):
+    def todo(x):
+        raise NotImplementedError("Exercise: the body of todo()")
+
+    with pytest.raises(GradingError) as e:
+        check(todo, lambda x: x, [Case("a", (1,))])
+    assert isinstance(e.value.__cause__, NotImplementedError)
+    assert "not implemented yet" in capsys.readouterr().out
+
+
+def test_close_explains_tensor_differences():
+    a = torch.zeros(2, 3)
+    assert close(a, a.clone())[0]
+    assert "shape" in close(a, torch.zeros(3, 2))[1]
+    assert "dtype" in close(a, torch.zeros(2, 3, dtype=torch.float64))[1]
+    ok, why = close(a, a + torch.tensor([[0, 0, 1.0], [0, 0, 0]]))
+    assert not ok and "1 of 6" in why
+    assert close((1, 2.0), (1, 2.0 + 1e-9))[0] and not close({"a": 1}, {"b": 1})[0]
+
+
+def test_reference_cannot_be_fooled_by_in_place_edits():
+    def inplace(t):
+        t.add_(1)
+        return t
+
+    x = torch.zeros(3)
+    check(inplace, inplace, [Case("inplace", (x,))])
+    assert x.eq(0).all()
