@@ -98,4 +98,5 @@ class StaticCache:
 
     def reset(self) -> None:
         """Empty every sequence (the memory stays allocated)."""
-        self.lengths.zero_()
+        # a new tensor, not zero_(): lengths may be an inference-mode tensor
+        self.lengths = torch.zeros_like(self.lengths)

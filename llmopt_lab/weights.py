@@ -222,3 +222,26 @@ def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+def to_transformers(model: Transformer):
+    """The same model as a Hugging Face transformers model (same weights, same
+    device and dtype, eval mode), e.g. to compare with ``transformers``'
+    ``generate``. No files are written."""
+    import transformers
+
+    d = model.config.to_hf_dict()
+    d.pop("torch_dtype", None)
+    hf_config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    with torch.device(model.device):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config)
+    hf = hf.to(model.dtype)
+    state = {local_to_hf_key(k): v for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelLoadError(f"cannot map weights to transformers: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    return hf.eval()

@@ -1,0 +1,57 @@
+"""Lesson benchmarks, reachable from the command line.
+
+Each lesson with a benchmark has a module here with
+
+* ``SIZES``: named sizes (``"quick"`` for tests, ``"cpu"``, ``"gpu"``), each a
+  dict of parameters; ``"auto"`` picks ``"gpu"`` on a CUDA device and ``"cpu"``
+  elsewhere;
+* ``run(size, device, progress) -> dict``: measures and returns a
+  JSON-able result (without provenance: the caller stamps it);
+* ``summary_rows(result) -> list[dict]``: the rows ``tour`` prints;
+* ``plot(result, provenance) -> Figure`` (optional).
+
+``python -m llmopt_lab bench 01`` (or ``bench anatomy``) runs one;
+``python -m llmopt_lab tour`` runs them all.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from ..errors import LlmoptError
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    number: str
+    name: str
+    module: str
+    title: str
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+
+BENCHMARKS: list[Benchmark] = [
+    Benchmark("01", "anatomy", "llmopt_lab.benchmarks.anatomy",
+              "prefill and decode throughput against the roofline"),
+]
+
+
+def find(key: str) -> Benchmark:
+    """A benchmark by lesson number ('01', '1') or name ('anatomy')."""
+    key = key.strip().lower()
+    for b in BENCHMARKS:
+        if key in (b.number, b.number.lstrip("0"), b.name, f"{b.number}_{b.name}"):
+            return b
+    known = ", ".join(f"{b.number} ({b.name})" for b in BENCHMARKS)
+    raise LlmoptError(f"no benchmark {key!r}; known: {known}")
+
+
+def resolve_size(module, size: str, device) -> str:
+    if size == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    if size not in module.SIZES:
+        raise LlmoptError(f"unknown size {size!r}; choose from auto, {', '.join(module.SIZES)}")
+    return size

@@ -1,0 +1,29 @@
+"""``python -m llmopt_lab bench LESSON``: one lesson's benchmark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    from ..benchmarks import BENCHMARKS
+
+    known = ", ".join(f"{b.number}/{b.name}" for b in BENCHMARKS)
+    p.add_argument("lesson", help=f"lesson number or name ({known})")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--size", default="auto",
+                   help="auto (gpu on a GPU, else cpu), quick, cpu, or gpu (GPU-scale models)")
+    p.add_argument("--out", default=None,
+                   help="results folder (default: results/ of this checkout); JSON goes to "
+                        "OUT/<device>/<lesson>.json, the plot beside it")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from ..benchmarks import find
+    from .tour import run_benchmarks
+
+    return run_benchmarks([find(args.lesson)], args.device, args.size,
+                          Path(args.out) if args.out else None, plot=not args.no_plot,
+                          progress=not args.quiet)

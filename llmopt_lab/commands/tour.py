@@ -1,0 +1,75 @@
+"""``python -m llmopt_lab tour``: every lesson benchmark at a size that fits here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--size", default="auto", help="auto (default), quick, cpu or gpu")
+    p.add_argument("--out", default=None, help="results folder (default: results/ of this checkout)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from ..benchmarks import BENCHMARKS
+
+    return run_benchmarks(BENCHMARKS, args.device, args.size,
+                          Path(args.out) if args.out else None, plot=not args.no_plot,
+                          progress=not args.quiet)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Fixed-width text table of summary rows (numbers to 3 significant digits)."""
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+
+    text = [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) if i >= 2 else v.ljust(w) for i, (v, w) in
+                        enumerate(zip(t, widths))) for t in text]
+    return "\n".join(lines)
+
+
+def run_benchmarks(benchmarks, device, size: str, out: Path | None, plot: bool = True,
+                   progress: bool = True) -> int:
+    from .. import bench
+    from ..benchmarks import resolve_size
+    from ..weights import resolve_device
+
+    dev = resolve_device(device)
+    prov = bench.provenance(dev)
+    print(f"{prov['device']} | torch {prov['torch']} | triton {prov['triton']} | "
+          f"commit {prov['git_commit'][:12]}")
+    for b in benchmarks:
+        module = b.load()
+        chosen = resolve_size(module, size, dev)
+        result = module.run(chosen, dev, progress=progress)
+        path = bench.save_result(f"{b.number}_{b.name}", result, root=out, device=dev)
+        print(f"\nLesson {b.number}: {b.title} [{chosen}]")
+        print(format_table(module.summary_rows(result)))
+        for m in result.get("models", []):
+            if "profile" in m:
+                print(f"\n{m['model']}: {m['profile']['summary']}")
+        print(f"\nresults: {path}")
+        if plot and hasattr(module, "plot"):
+            import matplotlib
+
+            matplotlib.use("Agg")
+            fig = module.plot(result, prov)
+            png = path.with_suffix(".png")
+            fig.savefig(png, dpi=120, bbox_inches="tight")
+            print(f"plot:    {png}")
+    return 0

@@ -1,0 +1,55 @@
+"""The command line: info, tour/bench at the quick size, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llmopt_lab.cli import main
+from llmopt_lab.commands.tour import format_table
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("info", "tour", "bench", "exercises", "train-zoo", "generate"):
+        assert cmd in out
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "kernels run" in out and "limits" in out and "GB/s" in out
+
+
+def test_tour_quick_writes_results_and_plot(tmp_path, capsys):
+    assert main(["tour", "--size", "quick", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "Lesson 01" in out and "prefill" in out and "decode" in out and "roofline %" in out
+    assert "generate (HF)" in out
+    files = list(tmp_path.glob("*/01_anatomy.json"))
+    assert len(files) == 1 and files[0].with_suffix(".png").exists()
+    data = json.loads(files[0].read_text())
+    assert {"device", "torch", "git_commit", "date"} <= set(data["provenance"])
+    rows = data["models"][0]["rows"]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["fraction"] for r in rows)
+    assert data["models"][0]["transformers"]["n_tokens"] == 8
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["bench", "99"], "no benchmark '99'"),
+    (["bench", "01", "--size", "huge"], "unknown size 'huge'"),
+    (["bench", "01", "--device", "tpu"], "unknown device"),
+])
+def test_bad_arguments_are_one_line(argv, msg):
+    proc = subprocess.run([sys.executable, "-m", "llmopt_lab", *argv], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and msg in proc.stderr, proc.stderr
+
+
+def test_format_table():
+    text = format_table([{"a": "x", "b": 1, "c": 1234.5678}, {"a": "yy", "b": 22, "c": None}])
+    lines = text.splitlines()
+    assert lines[0].split() == ["a", "b", "c"] and "1.23e+03" in lines[2] and lines[3].endswith("-")
