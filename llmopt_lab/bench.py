@@ -57,7 +57,7 @@ __all__ = [
     # memory
     "MemoryUsage", "peak_memory",
     # device limits
-    "DeviceLimits", "GpuSpec", "GPU_TABLE", "DTYPE_KEYS", "lookup_gpu", "device_limits",
+    "DeviceLimits", "GpuSpec", "GPU_TABLE", "DTYPE_KEYS", "lookup_gpu", "device_limits", "table_limits",
     "measure_bandwidth", "measure_gemm_flops", "dtype_key",
     # roofline
     "StepCost", "step_cost", "arithmetic_intensity", "attainable_flops", "roofline_time",
@@ -661,6 +661,17 @@ def measure_gemm_flops(device: Any = None, dtype: torch.dtype | None = None, n: 
     b = torch.randn(n, n, device=dev).to(dtype)
     t = time_fn(lambda: torch.mm(a, b), warmup=1, repeat=repeat, device=dev)
     return 2 * n ** 3 / t.min
+
+
+def table_limits(key: str) -> DeviceLimits:
+    """The datasheet limits of a GPU in :data:`GPU_TABLE` by its key (e.g.
+    ``"H100 SXM"``), without that GPU being here: for what-if rooflines."""
+    try:
+        spec = GPU_TABLE[key]
+    except KeyError:
+        raise ValueError(f"no GPU {key!r} in the table; known: {', '.join(GPU_TABLE)}") from None
+    return DeviceLimits(name=spec.name, peak_flops=dict(spec.peak_flops), bandwidth=spec.bandwidth,
+                        source="table", note=spec.source)
 
 
 def device_limits(device: Any = None, measure: bool | None = None,

@@ -374,7 +374,8 @@ def preset(name: str) -> ModelConfig:
 def bytes_per_element(dtype: Any) -> float:
     """Bytes per element of a torch dtype or a dtype name ('bfloat16', 'int4')."""
     name = str(dtype).replace("torch.", "")
-    table = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2,
+    table = {"float32": 4, "float": 4, "fp32": 4, "float16": 2, "half": 2, "fp16": 2,
+             "bfloat16": 2, "bf16": 2,
              "float8_e4m3fn": 1, "float8_e5m2": 1, "fp8": 1, "int8": 1, "uint8": 1,
              "int4": 0.5, "float64": 8}
     if name not in table:
