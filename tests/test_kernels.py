@@ -54,3 +54,23 @@ def test_rmsnorm_on_gpu(dtype):
     x = torch.randn(64, 4096, device="cuda", dtype=dtype)
     w = torch.randn(4096, device="cuda", dtype=dtype)
     torch.testing.assert_close(rmsnorm(x, w), rmsnorm_ref(x, w, 1e-5), atol=2e-2, rtol=2e-2)
+
+
+def test_without_triton_the_references_serve_with_a_notice():
+    """Simulate macOS/Windows (no Triton): a one-line notice, kernels fall back."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch\n"
+            "from llmopt_lab import kernels\n"
+            "from llmopt_lab.kernels.rmsnorm import rmsnorm\n"
+            "from llmopt_lab.kernels.reference import rmsnorm_ref\n"
+            "x, w = torch.randn(3, 16), torch.randn(16)\n"
+            "assert kernels.mode() == 'reference' and not kernels.can_launch(x)\n"
+            "assert torch.equal(rmsnorm(x, w), rmsnorm_ref(x, w, 1e-5))\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    notice = [line for line in proc.stderr.splitlines() if "Triton" in line]
+    assert len(notice) == 1 and "plain-torch references" in notice[0]
