@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from .errors import GenerationError
-from .kv_cache import StaticCache
+from .kv_cache import make_cache
 from .sampling import check_sampling_args, sample
 
 
@@ -109,7 +109,8 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
     temperature 0 is greedy; otherwise sampling with optional top_k / top_p,
     reproducible for a given ``seed``. Generation of a sequence stops at EOS
     (the config's ``eos_token_id`` unless given) unless ``ignore_eos``.
-    ``cache``: an existing empty cache to use instead of a new StaticCache.
+    ``cache``: the kind of cache to create ('static', the default; 'dynamic';
+    'int8'), or an existing empty cache object.
     Raises GenerationError when prompt + max_new_tokens exceeds the model's
     context or the cache.
     """
@@ -144,8 +145,8 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
     all_logits = []
 
     if use_cache:
-        if cache is None:
-            cache = StaticCache(config, B, total, device=device, dtype=model.dtype)
+        if cache is None or isinstance(cache, str):
+            cache = make_cache(cache or "static", config, B, total, device=device, dtype=model.dtype)
         elif cache.max_len < total:
             raise GenerationError(f"the cache holds {cache.max_len} tokens but this request needs {total}")
         logits = prefill(model, ids, lengths, cache)
