@@ -35,6 +35,9 @@ def test_tour_quick_writes_results_and_plot(tmp_path, capsys):
     rows = data["models"][0]["rows"]
     assert all(r["tokens_per_s"] > 0 and 0 < r["fraction"] for r in rows)
     assert data["models"][0]["transformers"]["n_tokens"] == 8
+    kv = json.loads(next(tmp_path.glob("*/02_kv_cache.json")).read_text())
+    assert {r["kind"] for r in kv["rows"]} == {"none", "dynamic", "static", "int8"}
+    assert len(kv["static_times_s"]) == 64 and kv["static_flatness"] > 0
 
 
 @pytest.mark.parametrize("argv, msg", [

@@ -36,6 +36,8 @@ class Benchmark:
 BENCHMARKS: list[Benchmark] = [
     Benchmark("01", "anatomy", "llmopt_lab.benchmarks.anatomy",
               "prefill and decode throughput against the roofline"),
+    Benchmark("02", "kv_cache", "llmopt_lab.benchmarks.kv_cache",
+              "decode latency per token with and without a KV cache"),
 ]
 
 

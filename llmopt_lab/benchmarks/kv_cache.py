@@ -1,0 +1,166 @@
+"""Lesson 02 benchmark: decode latency per token with and without a KV cache.
+
+* Per-token decode latency at a few positions (batch 1): no cache (the whole
+  prefix recomputed), the dynamic (concatenating) cache, the static cache and
+  the int8 cache; bytes of each cache.
+* Flatness: the static cache's time per token over a long generation (the last
+  10% of the tokens against the first 10%).
+* On a GPU, the profiler's view of one cached step (launch-bound at 1B).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import bench
+from ..generate import decode_one_token, prefill
+from ..kv_cache import make_cache
+from ..weights import ZOO, load_model
+
+KINDS = ("none", "dynamic", "static", "int8")
+
+SIZES = {
+    "quick": dict(model="synthetic:tiny", dtype="float32", positions=[16, 64], steps=3,
+                  flat_tokens=64, profile=False),
+    "cpu": dict(model="llmopt-tiny", dtype="float32", positions=[128, 512, 2048], steps=5,
+                flat_tokens=2048, profile=True),
+    "gpu": dict(model="synthetic:llama-1b", dtype="bfloat16", positions=[128, 512, 2048],
+                steps=20, flat_tokens=2048, profile=True),
+}
+
+
+def _ids(model, n: int) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (1, n), device=model.device)
+
+
+def step_latency(model, kind: str, position: int, steps: int = 5, max_len: int | None = None) -> dict:
+    """Median seconds for the decode step of the token at ``position`` (batch 1).
+
+    kind 'none' recomputes the whole prefix (a forward over position + 1
+    tokens); the caches first prefill ``position`` tokens, then each timed
+    call feeds one token. ``max_len``: the static/int8 caches' size (their
+    step cost depends on it, not on the position).
+    """
+    dev = model.device
+    if kind == "none":
+        ids = _ids(model, position + 1)
+
+        def step():
+            with torch.inference_mode():
+                h = model.hidden_states(ids)
+                model.lm_head(h[:, -1])
+
+        t = bench.time_fn(step, warmup=1, repeat=steps, device=dev)
+        return dict(kind=kind, position=position, time_s=t.median, cache_bytes=0)
+    max_len = max_len or position + steps + 4
+    cache = make_cache(kind, model.config, 1, max_len, device=dev, dtype=model.dtype)
+    prefill(model, _ids(model, position), torch.tensor([position], device=dev), cache)
+    tok = torch.zeros(1, dtype=torch.long, device=dev)
+    state = {"pos": torch.tensor([position], device=dev)}
+
+    def step():
+        decode_one_token(model, tok, state["pos"], cache)
+        state["pos"] = state["pos"] + 1
+
+    t = bench.time_fn(step, warmup=1, repeat=steps, device=dev)
+    return dict(kind=kind, position=position, time_s=t.median, cache_bytes=cache.nbytes)
+
+
+def per_token_times(model, kind: str, n_tokens: int) -> list[float]:
+    """Seconds of each of ``n_tokens`` decode steps from a 1-token prompt."""
+    import time
+
+    dev = model.device
+    cache = make_cache(kind, model.config, 1, n_tokens + 2, device=dev, dtype=model.dtype)
+    prefill(model, _ids(model, 1), torch.tensor([1], device=dev), cache)
+    tok = torch.zeros(1, dtype=torch.long, device=dev)
+    pos = torch.tensor([1], device=dev)
+    times = []
+    for _ in range(n_tokens):
+        bench.synchronize(dev)
+        t0 = time.perf_counter()
+        decode_one_token(model, tok, pos, cache)
+        bench.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+        pos = pos + 1
+    return times
+
+
+def flatness(times: list[float]) -> float:
+    """Mean time of the last 10% of the steps over the first 10% (1.0 = flat)."""
+    k = max(1, len(times) // 10)
+    return (sum(times[-k:]) / k) / (sum(times[:k]) / k)
+
+
+def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    p = SIZES[size]
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    name = p["model"]
+    if name in ZOO and not (ZOO[name] / "config.json").exists():
+        name = "synthetic:tiny"
+    torch.manual_seed(0)
+    model, _ = load_model(name, device=dev, dtype=p["dtype"])
+    top = max(p["positions"]) + p["steps"] + 4
+    rows = []
+    bar = tqdm(total=len(p["positions"]) * len(KINDS) + 2, desc="lesson 02", disable=not progress,
+               leave=False)
+    for position in p["positions"]:
+        for kind in KINDS:
+            bar.set_postfix_str(f"{kind} @ {position}")
+            rows.append(step_latency(model, kind, position, p["steps"],
+                                     max_len=top if kind in ("static", "int8") else None))
+            bar.update()
+    bar.set_postfix_str("static cache over a long generation")
+    times = per_token_times(model, "static", p["flat_tokens"])
+    bar.update()
+    out = dict(benchmark="kv_cache", lesson="02", size=size, model=name,
+               dtype=str(model.dtype).replace("torch.", ""), parameters=model.config.num_parameters(),
+               rows=rows, flat_tokens=p["flat_tokens"], static_flatness=flatness(times),
+               static_times_s=times)
+    last = max(p["positions"])
+    t = {r["kind"]: r["time_s"] for r in rows if r["position"] == last}
+    out["speedup_static_vs_none_at_last"] = t["none"] / t["static"]
+    if p["profile"]:
+        cache = make_cache("static", model.config, 1, last + 8, device=dev, dtype=model.dtype)
+        prefill(model, _ids(model, last), torch.tensor([last], device=dev), cache)
+        tok, pos = torch.zeros(1, dtype=torch.long, device=dev), torch.tensor([last], device=dev)
+        prof = bench.profile_step(lambda: decode_one_token(model, tok, pos, cache), steps=5,
+                                  device=dev)
+        out["profile"] = dict(prof.to_dict(), summary=prof.summary())
+        cost = bench.step_cost(model.config, 1, 1, last, model.dtype)
+        out["flop_ratio_none_vs_static"] = (
+            bench.step_cost(model.config, 1, last + 1, 0, model.dtype).flops / cost.flops)
+    bar.update()
+    bar.close()
+    return out
+
+
+def summary_rows(result: dict) -> list[dict]:
+    rows = []
+    by_pos: dict[int, dict] = {}
+    for r in result["rows"]:
+        by_pos.setdefault(r["position"], {})[r["kind"]] = r
+    for position, kinds in sorted(by_pos.items()):
+        for kind in KINDS:
+            r = kinds[kind]
+            rows.append({"model": result["model"], "position": position, "cache": kind,
+                         "ms/token": r["time_s"] * 1e3,
+                         "x vs none": kinds["none"]["time_s"] / r["time_s"],
+                         "cache MB": r["cache_bytes"] / 1e6})
+    return rows
+
+
+def plot(result: dict, provenance: dict):
+    """Time per token against position, one line per cache."""
+    from .. import plots
+
+    positions = sorted({r["position"] for r in result["rows"]})
+    series = {kind: [next(r["time_s"] * 1e3 for r in result["rows"]
+                          if r["kind"] == kind and r["position"] == p) for p in positions]
+              for kind in KINDS}
+    return plots.sweep(positions, series, "position of the generated token", "ms per token",
+                       logx=True, logy=True, provenance=provenance,
+                       title=f"{result['model']}: decode time per token")
