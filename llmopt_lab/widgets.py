@@ -84,3 +84,69 @@ def roofline_explorer(config: ModelConfig, limits: "bench.DeviceLimits", dtype: 
         w.observe(redraw, names="value")
     redraw()
     return box
+
+
+#: GPUs whose memory the KV explorer draws (keys of bench.GPU_TABLE)
+MEMORY_GPUS = ("T4", "L4", "A100 SXM 40GB", "A100 SXM 80GB", "H100 SXM", "H200 SXM")
+
+
+def kv_memory(config: ModelConfig, batch: int, context: int, dtype: Any = "bfloat16",
+              weight_dtype: Any = "bfloat16") -> dict:
+    """KV-cache and weight bytes of a model at a batch and context, and which
+    of :data:`MEMORY_GPUS` hold both (one GPU, no room left for activations)."""
+    from .config import bytes_per_element
+    from .kv_cache import kv_cache_bytes
+
+    kv = kv_cache_bytes(config, batch, context, dtype)
+    weights = config.num_parameters() * bytes_per_element(weight_dtype)
+    fits = [g for g in MEMORY_GPUS if kv + weights <= bench.GPU_TABLE[g].memory_gb * 1e9]
+    return dict(kv_bytes=kv, weight_bytes=weights, total_bytes=kv + weights, fits=fits)
+
+
+def kv_memory_explorer(configs: dict[str, ModelConfig]):
+    """Pick a model, batch, context and cache dtype; see the KV cache's size
+    next to the weights and the memory of common GPUs.
+
+    configs: {label: ModelConfig}. Returns an ipywidgets VBox with ``.state``
+    (the latest :func:`kv_memory` dict) and ``.controls``.
+    """
+    import ipywidgets as W
+    from matplotlib.figure import Figure
+
+    model = W.Dropdown(options=list(configs), description="model")
+    batch = W.SelectionSlider(options=POWERS_OF_TWO[:11], value=1, description="batch")
+    context = W.SelectionSlider(options=POWERS_OF_TWO[8:], value=4096, description="context")
+    dtype = W.Dropdown(options=["float32", "bfloat16", "int8", "int4"], value="bfloat16",
+                       description="KV dtype")
+    label = W.HTML()
+    out = W.Output()
+    box = W.VBox([W.HBox([model, dtype]), W.HBox([batch, context]), label, out])
+    box.controls = {"model": model, "batch": batch, "context": context, "dtype": dtype}
+
+    def redraw(_=None):
+        cfg = configs[model.value]
+        s = kv_memory(cfg, batch.value, context.value, dtype.value)
+        box.state = s
+        label.value = (f"KV cache <b>{s['kv_bytes'] / 1e9:.3g} GB</b> + weights (bf16) "
+                       f"{s['weight_bytes'] / 1e9:.3g} GB; fits on: "
+                       f"{', '.join(s['fits']) if s['fits'] else 'none of these GPUs'}")
+        fig = Figure(figsize=(6.4, 2.6), layout="constrained")
+        ax = fig.add_subplot()
+        ax.barh(["weights", "KV cache"], [s["weight_bytes"] / 1e9, s["kv_bytes"] / 1e9],
+                color=["0.6", "tab:blue"])
+        for g in MEMORY_GPUS:
+            gb = bench.GPU_TABLE[g].memory_gb
+            ax.axvline(gb, color="tab:red", lw=0.8, ls="--")
+            ax.text(gb, 1.45, g, rotation=90, fontsize=7, va="top", ha="right", color="tab:red")
+        ax.set_xscale("log")
+        ax.set_xlabel("GB")
+        with out:
+            out.clear_output(wait=True)
+            from IPython.display import display
+
+            display(fig)
+
+    for w in (model, batch, context, dtype):
+        w.observe(redraw, names="value")
+    redraw()
+    return box

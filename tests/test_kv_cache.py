@@ -110,3 +110,15 @@ def test_dynamic_cache_grows_and_has_a_limit(model):
 def test_unknown_cache_kind(model):
     with pytest.raises(CacheError, match="unknown cache"):
         generate(model, [[1]], 2, cache="paged")
+
+
+def test_cache_quality_of_an_exact_cache_is_perfect(model):
+    from llmopt_lab.benchmarks.kv_cache import cache_quality
+
+    ids = torch.randint(0, 512, (3, 20))
+    lengths = torch.tensor([20, 11, 2])
+    same = cache_quality(model, ids, lengths, kind="static")
+    assert same["tokens"] == 19 + 10 + 1 and same["ppl"] == same["ppl_exact"]
+    assert same["kl"] < 1e-9 and same["top1"] == 1.0
+    lossy = cache_quality(model, ids, lengths, kind="int8")
+    assert 0 < lossy["kl"] < 1e-2 and abs(lossy["ppl_delta_pct"]) < 5

@@ -30,3 +30,18 @@ def test_explorer_reacts_to_sliders():
 def test_table_limits_unknown():
     with pytest.raises(ValueError, match="known"):
         bench.table_limits("Z9000")
+
+
+def test_kv_memory_explorer():
+    from llmopt_lab.widgets import kv_memory, kv_memory_explorer
+
+    cfgs = {"llama-7b": preset("llama-7b"), "llama3-8b": preset("llama3-8b")}
+    box = kv_memory_explorer(cfgs)
+    small = box.state["kv_bytes"]
+    assert box.state["kv_bytes"] == 2 * 32 * 32 * 128 * 2 * 1 * 4096  # 2 GiB-ish for 7B at 4k
+    box.controls["model"].value = "llama3-8b"  # GQA 4:1: a quarter of the KV bytes
+    assert box.state["kv_bytes"] == small / 4
+    box.controls["dtype"].value = "int8"
+    assert box.state["kv_bytes"] == small / 8
+    big = kv_memory(preset("llama-7b"), 256, 4096)
+    assert big["fits"] == []  # 512 GiB of KV cache fits on no single GPU

@@ -164,3 +164,40 @@ def plot(result: dict, provenance: dict):
     return plots.sweep(positions, series, "position of the generated token", "ms per token",
                        logx=True, logy=True, provenance=provenance,
                        title=f"{result['model']}: decode time per token")
+
+
+@torch.inference_mode()
+def cache_quality(model, ids: torch.Tensor, lengths: torch.Tensor, kind: str = "int8",
+                  batch_size: int = 8) -> dict:
+    """Quality of a lossy cache against the exact static cache on the same windows.
+
+    ids: (N, W) right-padded windows; lengths: (N,). Each window is run as one
+    prefill through both caches (keys and values pass through the lossy cache
+    before attention reads them). Returns the perplexity with each cache over
+    every token after a window's first, the mean KL(exact || lossy) of the
+    next-token distributions and their top-1 agreement.
+    """
+    from ..metrics import kl_divergence, perplexity_from_nll, token_nll, top1_agreement
+
+    dev = model.device
+    nll = {"static": 0.0, kind: 0.0}
+    count, kl_sum, agree_sum = 0, 0.0, 0.0
+    for start in range(0, ids.shape[0], batch_size):
+        x = ids[start:start + batch_size].to(dev)
+        n = lengths[start:start + batch_size].to(dev)
+        B, W = x.shape
+        mask = torch.arange(1, W, device=dev)[None, :] < n[:, None]  # scored targets
+        logits = {}
+        for k in ("static", kind):
+            cache = make_cache(k, model.config, B, W, device=dev, dtype=model.dtype)
+            logits[k] = model(x, cache=cache, lengths=n)[:, :-1]
+            nll[k] += token_nll(logits[k], x[:, 1:], mask)[0]
+        m = int(mask.sum())
+        count += m
+        kl_sum += kl_divergence(logits["static"], logits[kind], mask) * m
+        agree_sum += top1_agreement(logits["static"], logits[kind], mask) * m
+    ppl_exact = perplexity_from_nll(nll["static"], count)
+    ppl = perplexity_from_nll(nll[kind], count)
+    return dict(kind=kind, tokens=count, ppl_exact=ppl_exact, ppl=ppl,
+                ppl_delta_pct=100 * (ppl / ppl_exact - 1), kl=kl_sum / count,
+                top1=agree_sum / count)
