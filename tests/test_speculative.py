@@ -1,0 +1,162 @@
+"""Speculative decoding is lossless: greedy output equals the target's own, and
+sampled output has the target's distribution (a negative control fails)."""
+
+import itertools
+
+import pytest
+import torch
+
+from llmopt_lab import ModelConfig, Transformer, generate, preset
+from llmopt_lab.errors import GenerationError
+from llmopt_lab.speculative import (expected_speedup, expected_tokens_per_step, prompt_lookup,
+                                    speculative_generate)
+
+NEAR_TIE = 1e-4
+
+
+def _scaled(config, seed, factor=4.0):
+    m = Transformer.from_config(config, seed=seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(factor)
+    return m
+
+
+@pytest.fixture(scope="module")
+def target():
+    return _scaled(preset("tiny"), 21)
+
+
+@pytest.fixture(scope="module")
+def draft():
+    return _scaled(preset("tiny").replace(num_layers=1), 22)
+
+
+def assert_greedy_identity(target, prompt, got, n):
+    ref = generate(target, [prompt], n, ignore_eos=True, return_logits=True)
+    want = ref.tolist()[0]
+    if got == want:
+        return
+    step = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    top2 = ref.logits[0, step].topk(2).values
+    assert float(top2[0] - top2[1]) < NEAR_TIE, f"diverged at step {step} without a near-tie"
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_identity_with_a_draft(target, draft, k):
+    for prompt in ([1, 2, 3], [7, 300, 42, 42, 42, 9], [5]):
+        out = speculative_generate(target, draft, [prompt], 20, k=k, ignore_eos=True)
+        assert len(out.tokens) == 20
+        assert_greedy_identity(target, prompt, out.tokens, 20)
+
+
+def test_draft_equal_to_target_accepts_everything(target):
+    out = speculative_generate(target, target, [[4, 8, 15]], 25, k=4, ignore_eos=True)
+    assert out.stats.acceptance_rate == 1.0
+    assert out.stats.tokens_per_target_forward > 4  # k+1 per step, minus the first and the cut
+    assert_greedy_identity(target, [4, 8, 15], out.tokens, 25)
+
+
+def test_random_draft_is_mostly_rejected_but_output_is_unchanged(target):
+    stranger = _scaled(preset("tiny").replace(num_layers=1), 99, factor=8.0)
+    out = speculative_generate(target, stranger, [[1, 2, 3]], 20, k=4, ignore_eos=True)
+    assert out.stats.acceptance_rate < 0.3
+    assert_greedy_identity(target, [1, 2, 3], out.tokens, 20)
+
+
+def test_prompt_lookup_identity_and_proposals(target):
+    prompt = [10, 11, 12, 13, 10, 11, 12, 13, 10, 11]
+    assert prompt_lookup(prompt, 3) == [12, 13, 10]
+    assert prompt_lookup([1, 2, 3], 2) == []
+    out = speculative_generate(target, None, [prompt], 16, k=3, ignore_eos=True)
+    assert_greedy_identity(target, prompt, out.tokens, 16)
+    assert out.stats.draft_forwards == 0
+
+
+def test_stops_at_eos(target, draft):
+    free = speculative_generate(target, draft, [[1, 2, 3]], 12, k=3, ignore_eos=True).tokens
+    eos = free[5]
+    first = free.index(eos)
+    out = speculative_generate(target, draft, [[1, 2, 3]], 12, k=3, eos_token_id=eos)
+    assert out.tokens == free[:first + 1]
+
+
+def test_errors(target, draft):
+    with pytest.raises(GenerationError, match="k must be"):
+        speculative_generate(target, draft, [[1]], 4, k=0)
+    with pytest.raises(GenerationError, match="batch size 1"):
+        speculative_generate(target, draft, [[1], [2]], 4)
+
+    class Tok:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    with pytest.raises(GenerationError, match="tokenizers differ"):
+        speculative_generate(target, draft, [[1]], 4, target_tokenizer=Tok({"a": 0, "b": 1}),
+                             draft_tokenizer=Tok({"a": 1, "b": 0}))
+
+
+def test_formulas():
+    assert expected_tokens_per_step(0.0, 4) == 1.0
+    assert expected_tokens_per_step(1.0, 4) == 5.0
+    assert abs(expected_tokens_per_step(0.5, 2) - 1.75) < 1e-12  # 1 + 0.5 + 0.25
+    assert abs(expected_speedup(0.5, 2, 0.0) - 1.75) < 1e-12
+    assert expected_speedup(0.8, 4, 0.1) > expected_speedup(0.8, 4, 0.5)
+
+
+# ------------------------------------------------------------ distribution
+TINY_VOCAB = ModelConfig(vocab_size=4, hidden_size=32, intermediate_size=64, num_layers=1,
+                         num_heads=2, num_kv_heads=1, max_position_embeddings=64)
+RUNS = 1500
+PROMPT = [0, 1]
+
+
+def _exact_joint(model) -> torch.Tensor:
+    """P(t1, t2, t3 | prompt) under the model's own sampling (temperature 1), (4, 4, 4)."""
+    V = TINY_VOCAB.vocab_size
+    joint = torch.zeros(V, V, V, dtype=torch.float64)
+    with torch.inference_mode():
+        for t1, t2 in itertools.product(range(V), repeat=2):
+            seq = torch.tensor([PROMPT + [t1, t2]])
+            p = model(seq)[0].double().softmax(-1)  # (T, V)
+            joint[t1, t2] = p[1, t1] * p[2, t2] * p[3]
+    return joint
+
+
+def _empirical(samples) -> torch.Tensor:
+    counts = torch.zeros(4, 4, 4, dtype=torch.float64)
+    for a, b, c in samples:
+        counts[a, b, c] += 1
+    return counts / counts.sum()
+
+
+def _tv(p, q) -> float:
+    return 0.5 * float((p - q).abs().sum())
+
+
+def test_sampling_distribution_is_the_targets_and_a_wrong_rule_is_caught():
+    target, draft = _scaled(TINY_VOCAB, 5, 6.0), _scaled(TINY_VOCAB, 6, 6.0)
+    exact = _exact_joint(target)
+    # the bound: the 99.9th percentile of the TV distance between the exact law
+    # and RUNS exact samples of it (the noise any correct sampler shows)
+    g = torch.Generator().manual_seed(0)
+    flat = exact.flatten()
+    noise = sorted(_tv(torch.bincount(torch.multinomial(flat, RUNS, True, generator=g), minlength=64)
+                       .double().reshape(4, 4, 4) / RUNS, exact) for _ in range(1000))
+    bound = noise[int(0.999 * len(noise))]
+
+    def run(rule=None):
+        return _empirical(speculative_generate(target, draft, [PROMPT], 3, k=2, temperature=1.0,
+                                               seed=s, ignore_eos=True, acceptance_rule=rule).tokens
+                          for s in range(RUNS))
+
+    tv_ok = _tv(run(), exact)
+    tv_wrong = _tv(run(lambda p, q, x, gen: (True, None)), exact)  # always keep the draft's token
+    assert _tv(_exact_joint(draft), exact) > 3 * bound  # the draft really differs
+    print(f"bound {bound:.3f}, exact rule {tv_ok:.3f}, wrong rule {tv_wrong:.3f}")
+    assert tv_ok <= bound, f"TV {tv_ok:.3f} above the bound {bound:.3f}"
+    assert tv_wrong > bound, f"the negative control passed (TV {tv_wrong:.3f} <= {bound:.3f})"
