@@ -38,6 +38,9 @@ def test_tour_quick_writes_results_and_plot(tmp_path, capsys):
     kv = json.loads(next(tmp_path.glob("*/02_kv_cache.json")).read_text())
     assert {r["kind"] for r in kv["rows"]} == {"none", "dynamic", "static", "int8"}
     assert len(kv["static_times_s"]) == 64 and kv["static_flatness"] > 0
+    spec = json.loads(next(tmp_path.glob("*/08_speculative.json")).read_text())
+    draft_rows = [r for r in spec["rows"] if r["method"] == "draft"]
+    assert draft_rows and all(r["acceptance_rate"] == 1.0 for r in draft_rows)  # draft = target here
 
 
 @pytest.mark.parametrize("argv, msg", [
