@@ -120,17 +120,48 @@ def _forward(model, tokens: list[int], start: int, cache) -> torch.Tensor:
         return model(ids, pos, cache=cache)[0].float()
 
 
-def _accept_or_resample(p: torch.Tensor, q: torch.Tensor, x: int, gen) -> tuple[bool, int | None]:
-    """One step of the rejection rule: keep x ~ q with prob min(1, p(x)/q(x));
-    otherwise return a token drawn from normalize(max(0, p - q))."""
-    px, qx = float(p[x]), float(q[x])
-    u = torch.rand((), generator=gen, device=p.device).item()
-    if qx > 0 and u < min(1.0, px / qx):
+def acceptance_probability(p: torch.Tensor, q: torch.Tensor, x: int) -> float:
+    """min(1, p(x) / q(x)): the chance of keeping proposal x drawn from q.
+    p, q: (V,) probabilities of the target and the proposer."""
+    qx = float(q[x])
+    return min(1.0, float(p[x]) / qx) if qx > 0 else 0.0
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """normalize(max(0, p - q)), (V,): where to draw from after a rejection, so
+    that kept and replaced tokens together are distributed exactly as p."""
+    r = torch.clamp(p - q, min=0)
+    total = r.sum()
+    return r / total if float(total) > 0 else p  # p == q: no rejection can happen
+
+
+def verify_step(p: torch.Tensor, q: torch.Tensor, x: int, u: float) -> tuple[bool, torch.Tensor | None]:
+    """The rejection rule with the uniform draw u given: (True, None) when x is
+    kept, else (False, the residual distribution to sample the replacement from)."""
+    if u < acceptance_probability(p, q, x):
         return True, None
-    residual = torch.clamp(p - q, min=0)
-    if float(residual.sum()) <= 0:  # p == q: cannot happen after a rejection, but stay safe
-        residual = p
-    return False, int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
+    return False, residual_distribution(p, q)
+
+
+def _accept_or_resample(p: torch.Tensor, q: torch.Tensor, x: int, gen) -> tuple[bool, int | None]:
+    u = torch.rand((), generator=gen, device=p.device).item()
+    ok, residual = verify_step(p, q, x, u)
+    if ok:
+        return True, None
+    return False, int(torch.multinomial(residual, 1, generator=gen))
+
+
+def cache_lengths_after_step(seq_len: int, accepted: int, draft_len: int) -> tuple[int, int]:
+    """Cache lengths after a verification step (the rollback).
+
+    seq_len: tokens in the sequence before the step (its last token was fed to
+    the target in this step, not before); accepted: proposals kept; draft_len:
+    tokens in the draft's cache after proposing. The step adds accepted + 1
+    tokens; both caches then hold every token but the new last one (the draft
+    cannot hold more than it was fed). Returns (target_len, draft_len).
+    """
+    keep = seq_len + accepted  # the sequence is now seq_len + accepted + 1 long
+    return keep, min(draft_len, keep)
 
 
 @torch.inference_mode()
@@ -257,12 +288,12 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
         stats.accepted += accepted
         stats.accepted_per_step.append(accepted)
         step_tokens = proposal[:accepted] + [extra]
-        # ---- roll both caches back to what is now certain: seq[:-1]
+        # ---- roll both caches back to what is now certain: the sequence but its last token
+        t_len, d_len = cache_lengths_after_step(n, accepted, d_len)
         seq.extend(step_tokens)
         new.extend(step_tokens)
-        t_cache.truncate(torch.tensor([len(seq) - 1], device=dev))
+        t_cache.truncate(torch.tensor([t_len], device=dev))
         if d_cache is not None:
-            d_len = min(d_len, len(seq) - 1)
             d_cache.truncate(torch.tensor([d_len], device=dev))
     # cut at EOS and at the limit (tokens past them are what the target would
     # have produced anyway; they are simply not wanted)

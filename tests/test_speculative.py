@@ -160,3 +160,17 @@ def test_sampling_distribution_is_the_targets_and_a_wrong_rule_is_caught():
     print(f"bound {bound:.3f}, exact rule {tv_ok:.3f}, wrong rule {tv_wrong:.3f}")
     assert tv_ok <= bound, f"TV {tv_ok:.3f} above the bound {bound:.3f}"
     assert tv_wrong > bound, f"the negative control passed (TV {tv_wrong:.3f} <= {bound:.3f})"
+
+
+def test_verify_step_pieces():
+    from llmopt_lab.speculative import cache_lengths_after_step, residual_distribution, verify_step
+
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.6, 0.2])
+    assert verify_step(p, q, 0, 0.99) == (True, None)  # p/q > 1: always kept
+    ok, r = verify_step(p, q, 1, 0.6)  # kept with prob 0.5: u = 0.6 rejects
+    assert not ok and torch.allclose(r, torch.tensor([1.0, 0.0, 0.0]))
+    assert verify_step(p, q, 1, 0.4)[0]
+    assert torch.allclose(residual_distribution(p, p), p)
+    assert cache_lengths_after_step(10, 2, 13) == (12, 12)
+    assert cache_lengths_after_step(10, 4, 13) == (14, 13)  # all 4 kept: the draft lacks the last one
