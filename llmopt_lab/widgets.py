@@ -150,3 +150,53 @@ def kv_memory_explorer(configs: dict[str, ModelConfig]):
         w.observe(redraw, names="value")
     redraw()
     return box
+
+
+def speculative_explorer(measured: dict | None = None):
+    """Sliders for the acceptance rate, k and the draft's cost ratio, showing
+    the predicted tokens per target step and speed-up against k.
+
+    measured: optional {k: measured speed-up} drawn as points. Returns an
+    ipywidgets VBox with ``.state`` ({'tokens_per_step', 'speedup', 'best_k'})
+    and ``.controls``.
+    """
+    import ipywidgets as W
+    from matplotlib.figure import Figure
+
+    from .speculative import expected_speedup, expected_tokens_per_step
+
+    alpha = W.FloatSlider(value=0.7, min=0.0, max=0.99, step=0.01, description="accept rate")
+    k = W.IntSlider(value=4, min=1, max=12, description="k")
+    ratio = W.FloatSlider(value=0.2, min=0.0, max=1.0, step=0.01, description="cost ratio")
+    label = W.HTML()
+    out = W.Output()
+    box = W.VBox([W.HBox([alpha, k, ratio]), label, out])
+    box.controls = {"alpha": alpha, "k": k, "ratio": ratio}
+
+    def redraw(_=None):
+        ks = list(range(1, 13))
+        curve = [expected_speedup(alpha.value, j, ratio.value) for j in ks]
+        best = ks[max(range(len(ks)), key=lambda i: curve[i])]
+        box.state = dict(tokens_per_step=expected_tokens_per_step(alpha.value, k.value),
+                         speedup=expected_speedup(alpha.value, k.value, ratio.value), best_k=best)
+        label.value = (f"k={k.value}: {box.state['tokens_per_step']:.2f} tokens per target step, "
+                       f"predicted speed-up <b>{box.state['speedup']:.2f}x</b>; best k here: {best}")
+        fig = Figure(figsize=(6.4, 3.2), layout="constrained")
+        ax = fig.add_subplot()
+        ax.plot(ks, curve, marker="o", label="predicted")
+        if measured:
+            ax.plot(list(measured), list(measured.values()), "s", label="measured")
+        ax.axhline(1.0, color="0.5", lw=0.8)
+        ax.set_xlabel("k")
+        ax.set_ylabel("speed-up")
+        ax.legend()
+        with out:
+            out.clear_output(wait=True)
+            from IPython.display import display
+
+            display(fig)
+
+    for w in (alpha, k, ratio):
+        w.observe(redraw, names="value")
+    redraw()
+    return box

@@ -45,3 +45,16 @@ def test_kv_memory_explorer():
     assert box.state["kv_bytes"] == small / 8
     big = kv_memory(preset("llama-7b"), 256, 4096)
     assert big["fits"] == []  # 512 GiB of KV cache fits on no single GPU
+
+
+def test_speculative_explorer():
+    from llmopt_lab.widgets import speculative_explorer
+
+    box = speculative_explorer({1: 1.2, 2: 1.5})
+    box.controls["alpha"].value = 0.0
+    assert box.state["tokens_per_step"] == 1.0 and box.state["speedup"] < 1.0
+    box.controls["alpha"].value = 0.9
+    box.controls["ratio"].value = 0.0
+    assert box.state["best_k"] == 12  # free drafts: propose as many as allowed
+    box.controls["ratio"].value = 0.5
+    assert box.state["best_k"] < 12
