@@ -21,6 +21,8 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from .kernels import flash_attention as _flash
+from .kernels import flash_decode as _flash_decode
 from .kernels.reference import attention_ref, causal_mask
 
 
@@ -80,14 +82,59 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Atte
                                           enable_gqa=gqa)
 
 
+def _flash_ranges(meta: AttentionMeta):
+    """(q_start, k_len) per sequence for the flash kernels, or None when the
+    positions lack that structure; computed once per forward (kept with the
+    masks, shared by all layers)."""
+    key = "flash_ranges"  # not a window: no clash with the masks' keys
+    if key not in meta._masks:
+        B, T = meta.q_pos.shape
+        S = meta.k_pos.shape[1]
+        if meta.is_plain_causal and meta.k_valid is None:  # positions 0..T-1: no check
+            dev = meta.q_pos.device
+            meta._masks[key] = (torch.zeros(B, dtype=torch.int32, device=dev),
+                                torch.full((B,), S, dtype=torch.int32, device=dev))
+        else:  # one host sync per forward
+            meta._masks[key] = _flash.ranges_from_positions(meta.q_pos, meta.k_pos, meta.k_valid)
+    return meta._masks[key]
+
+
+def flash_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
+                       window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """Our Triton kernels (lesson 06): flash attention for prefill (T > 16
+    queries), flash decoding for 1 to 16 queries against the cache.
+
+    The kernels take per-sequence ranges rather than a mask: consecutive query
+    positions starting at q_pos[:, 0], keys at positions 0..S-1 of which the
+    first k_len are valid (a plain forward, right-padded prompts, a
+    StaticCache in prefill, decode, chunked prefill or draft verification).
+    Anything else, and whatever the kernels cannot run on (head_dim outside
+    32/64/128, other dtypes, CPU tensors on a GPU machine, no Triton), goes to
+    :func:`sdpa_attention`. Sliding windows are supported.
+    q: (B, Hq, T, D); k, v: (B, Hkv, S, D). Returns (B, Hq, T, D).
+    """
+    if not _flash.supports(q, k, v):
+        return sdpa_attention(q, k, v, meta, window, scale)
+    ranges = _flash_ranges(meta)
+    if ranges is None:
+        return sdpa_attention(q, k, v, meta, window, scale)
+    q_start, k_len = ranges
+    if q.shape[2] > _flash_decode.MAX_QUERIES:
+        out, _ = _flash.flash_attention(q, k, v, causal=True, scale=scale, q_start=q_start,
+                                        k_len=k_len, window=window)
+        return out
+    return _flash_decode.flash_decode(q, k, v, k_len, scale=scale, q_start=q_start, window=window)
+
+
 ATTENTION_FUNCTIONS: dict[str, Callable] = {
     "sdpa": sdpa_attention,
     "naive": naive_attention,
+    "flash": flash_attention_fn,
 }
 
 
 def get_attention(name_or_fn: str | Callable) -> Callable:
-    """An attention function by name ('sdpa', 'naive') or the function itself."""
+    """An attention function by name ('sdpa', 'naive', 'flash') or the function itself."""
     if callable(name_or_fn):
         return name_or_fn
     try:
