@@ -84,3 +84,16 @@ def _seed(request):
     if isinstance(request.node, pytest.Function):
         torch.manual_seed(0)
     yield
+
+
+def scaled_model(config, seed: int, factor: float = 4.0):
+    """A random model whose matrices are ``factor`` times the default init, so
+    that its logits are spread out and greedy choices are not near-ties."""
+    from llmopt_lab import Transformer
+
+    model = Transformer.from_config(config, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(factor)
+    return model

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from conftest import scaled_model
 
-from llmopt_lab import StaticCache, Transformer, generate, preset
+from llmopt_lab import StaticCache, generate, preset
 from llmopt_lab.errors import CacheError, GenerationError
 from llmopt_lab.generate import decode_one_token, prefill
 
@@ -12,13 +13,7 @@ NEAR_TIE = 1e-4
 
 @pytest.fixture(scope="module")
 def model():
-    # larger init than 0.02 so the random model's logits are not all near-ties
-    m = Transformer.from_config(preset("tiny"), seed=7)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    return m
+    return scaled_model(preset("tiny"), seed=7)
 
 
 def assert_same_greedy(ref, got):

@@ -3,8 +3,9 @@ cache is judged by its quality, and the memory calculator adds up."""
 
 import pytest
 import torch
+from conftest import scaled_model
 
-from llmopt_lab import Transformer, generate, preset
+from llmopt_lab import generate, preset
 from llmopt_lab.config import ModelConfig
 from llmopt_lab.errors import CacheError
 from llmopt_lab.kv_cache import (DynamicCache, Int8Cache, StaticCache, dequantize_int8,
@@ -16,12 +17,7 @@ PROMPTS = [[1, 2, 3], [10, 20, 30, 40, 50, 60, 70], [99], [5, 6, 7, 8, 9]]
 
 @pytest.fixture(scope="module")
 def model():
-    m = Transformer.from_config(preset("tiny"), seed=11)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    return m
+    return scaled_model(preset("tiny"), seed=11)
 
 
 @pytest.mark.parametrize("kind", ["static", "dynamic"])

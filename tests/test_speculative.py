@@ -5,8 +5,9 @@ import itertools
 
 import pytest
 import torch
+from conftest import scaled_model
 
-from llmopt_lab import ModelConfig, Transformer, generate, preset
+from llmopt_lab import ModelConfig, generate, preset
 from llmopt_lab.errors import GenerationError
 from llmopt_lab.speculative import (expected_speedup, expected_tokens_per_step, prompt_lookup,
                                     speculative_generate)
@@ -14,13 +15,7 @@ from llmopt_lab.speculative import (expected_speedup, expected_tokens_per_step, 
 NEAR_TIE = 1e-4
 
 
-def _scaled(config, seed, factor=4.0):
-    m = Transformer.from_config(config, seed=seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(factor)
-    return m
+_scaled = scaled_model
 
 
 @pytest.fixture(scope="module")
