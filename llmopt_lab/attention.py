@@ -43,6 +43,12 @@ class AttentionMeta:
     #: no padding (training, a plain forward): then the plain causal mask is
     #: exact and kernels may use their built-in causal path.
     is_plain_causal: bool = False
+    #: (q_start, k_len), each (B,) int: set by producers that know the layout
+    #: (a static cache, a plain forward): queries sit at consecutive positions
+    #: from q_start, keys at positions 0..S-1 of which the first k_len are
+    #: valid. Kernels that take ranges instead of a mask (flash) then need no
+    #: check and no host synchronization; None means "derive it, or use a mask".
+    ranges: tuple[torch.Tensor, torch.Tensor] | None = None
     _masks: dict = field(default_factory=dict, repr=False)
 
     def mask(self, window: int | None = None) -> torch.Tensor:
@@ -90,7 +96,9 @@ def _flash_ranges(meta: AttentionMeta):
     if key not in meta._masks:
         B, T = meta.q_pos.shape
         S = meta.k_pos.shape[1]
-        if meta.is_plain_causal and meta.k_valid is None:  # positions 0..T-1: no check
+        if meta.ranges is not None:  # the producer vouches for the layout: no check
+            meta._masks[key] = tuple(r.to(torch.int32) for r in meta.ranges)
+        elif meta.is_plain_causal and meta.k_valid is None:  # positions 0..T-1: no check
             dev = meta.q_pos.device
             meta._masks[key] = (torch.zeros(B, dtype=torch.int32, device=dev),
                                 torch.full((B,), S, dtype=torch.int32, device=dev))

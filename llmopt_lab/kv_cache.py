@@ -117,7 +117,8 @@ class StaticCache(KVCache):
         """
         self._grow_lengths(positions, token_valid)
         k_valid = self._slot_pos < self.lengths[:, None]  # (B, max_len)
-        return AttentionMeta(q_pos=positions, k_pos=self._slot_pos, k_valid=k_valid)
+        return AttentionMeta(q_pos=positions, k_pos=self._slot_pos, k_valid=k_valid,
+                             ranges=(positions[:, 0], self.lengths))
 
     @staticmethod
     def _scatter(dst: torch.Tensor, src: torch.Tensor, positions: torch.Tensor) -> None:

@@ -209,7 +209,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.check_compatible(self.config, B, self.dtype, dev)
         steps = torch.arange(T, device=dev)
-        plain = positions is None and cache is None and lengths is None
+        default_positions = positions is None
+        plain = default_positions and cache is None and lengths is None
         if positions is None:
             start = cache.lengths[:, None] if cache is not None else 0
             positions = (start + steps).expand(B, T)
@@ -217,8 +218,12 @@ class Transformer(nn.Module):
         if cache is not None:
             meta = cache.begin(positions, token_valid)
         else:
+            ranges = None
+            if default_positions:  # queries and keys are the tokens 0..T-1 (valid: a prefix)
+                k_len = lengths if lengths is not None else torch.full((B,), T, device=dev)
+                ranges = (torch.zeros(B, dtype=torch.long, device=dev), k_len)
             meta = AttentionMeta(q_pos=positions, k_pos=positions, k_valid=token_valid,
-                                 is_plain_causal=plain)
+                                 is_plain_causal=plain, ranges=ranges)
         attn_fn = attn_fn or self.attn_fn
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)

@@ -65,3 +65,24 @@ def test_sliding_window_mask_counts():
     m = causal_mask(torch.arange(6)[None], torch.arange(6)[None], window=3)[0, 0]
     assert m.sum(-1).tolist() == [1, 2, 3, 3, 3, 3]
     assert m[5].tolist() == [False, False, False, True, True, True]
+
+
+def test_static_cache_and_plain_forward_give_flash_its_ranges_without_a_check(monkeypatch):
+    """The flash path derives (q_start, k_len) from positions only when nobody
+    vouched for the layout (that check costs a host sync per forward)."""
+    import llmopt_lab.kernels.flash_attention as flash
+
+    from llmopt_lab import StaticCache, Transformer, preset
+    from llmopt_lab.generate import decode_one_token, prefill
+
+    def no_check(*a, **k):
+        raise AssertionError("ranges_from_positions was called")
+
+    monkeypatch.setattr(flash, "ranges_from_positions", no_check)
+    cfg = preset("tiny").replace(num_layers=1)
+    model = Transformer.from_config(cfg, attn_fn="flash")
+    cache = StaticCache(cfg, 2, 24)
+    prefill(model, torch.randint(0, 512, (2, 20)), torch.tensor([20, 13]), cache)
+    decode_one_token(model, torch.tensor([1, 2]), torch.tensor([20, 13]), cache)
+    with torch.inference_mode():
+        model(torch.randint(0, 512, (2, 20)), lengths=torch.tensor([20, 7]))
