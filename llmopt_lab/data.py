@@ -215,6 +215,13 @@ def file_windows(ids: Sequence[int], window: int, max_windows: int | None = None
 _EVAL_CACHE: dict = {}
 
 
+def _tokenizer_key(tokenizer) -> str:
+    """A fingerprint of the tokenizer's content (not its id(), which Python reuses)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def heldout_set(tokenizer, quick: bool = True, window: int = DEFAULT_WINDOW,
                 split: str = "heldout", root: str | Path | None = None) -> EvalSet:
     """The held-out windows of the perplexity definition (see the module doc).
@@ -223,7 +230,7 @@ def heldout_set(tokenizer, quick: bool = True, window: int = DEFAULT_WINDOW,
     30k scored tokens); quick=False keeps all. The result is cached per
     tokenizer, so repeated evaluations do not re-encode.
     """
-    key = (id(tokenizer), len(tokenizer), quick, window, split, str(root))
+    key = (_tokenizer_key(tokenizer), quick, window, split, str(root))
     if key in _EVAL_CACHE:
         return _EVAL_CACHE[key]
     files = split_files(split, root)

@@ -499,6 +499,7 @@ def stage_draft(out: Path, settings: TrainSettings, select_steps: int, work: Pat
                selection=selection, select_lookahead=SELECT_LOOKAHEAD, **_provenance())
     log["final"] = _evaluate_final(model, tokenizer)
     log["pair"] = _pair_metrics(teacher, model, evalset, prompt_ids)
+    log["pair"]["measured"] = _provenance()
     folder = out / DRAFT_NAME
     _save(model, out / "tokenizer", folder, log)
     log["transformers_max_abs_diff"] = hf_logits_check(folder, model, evalset.ids[:2, :64])
@@ -506,6 +507,22 @@ def stage_draft(out: Path, settings: TrainSettings, select_steps: int, work: Pat
     p = log["pair"]
     print(f"{DRAFT_NAME} ({best}): held-out loss {log['final']['heldout_quick']['loss']:.4f}, "
           f"acceptance {p['acceptance']:.3f}, cost ratio {p['cost_ratio']:.3f} -> {folder}")
+    return log
+
+
+def stage_pair(out: Path) -> dict:
+    """Measure the draft against the teacher again (acceptance, cost ratio) on
+    this machine and store the result in the draft's training log."""
+    tokenizer = load_tokenizer(out / "tokenizer")
+    evalset = data.heldout_set(tokenizer, quick=True)
+    teacher, _ = load_model(out / TEACHER_NAME, device="cpu")
+    draft, _ = load_model(out / DRAFT_NAME, device="cpu")
+    path = out / DRAFT_NAME / "training_log.json"
+    log = json.loads(path.read_text())
+    log["pair"] = _pair_metrics(teacher, draft, evalset, evalset.ids[0, :32])
+    log["pair"]["measured"] = _provenance()
+    path.write_text(json.dumps(log, indent=1) + "\n")
+    print(f"acceptance {log['pair']['acceptance']:.3f}, cost ratio {log['pair']['cost_ratio']:.3f}")
     return log
 
 
@@ -601,7 +618,9 @@ def model_card(name: str, log: dict, other: dict | None) -> str:
             f"greedy next token is the teacher's): **{p['acceptance']:.3f}**.",
             f"- Cost per decoded token (static-cache greedy decode, batch 1, "
             f"`llmopt_lab.generate.generate`): draft {p['draft_s_per_token'] * 1e3:.2f} ms, "
-            f"teacher {p['teacher_s_per_token'] * 1e3:.2f} ms, ratio **{p['cost_ratio']:.3f}**.",
+            f"teacher {p['teacher_s_per_token'] * 1e3:.2f} ms, ratio **{p['cost_ratio']:.3f}**"
+            + (f" (measured {p['measured']['date']} on {p['measured']['device']})."
+               if "measured" in p else "."),
             f"- Expected speed-up of speculative decoding with 4 drafted tokens (independent "
             f"acceptances): {p['speedup_estimate_k4']:.2f}x.",
             "",
@@ -640,8 +659,9 @@ def write_cards(out: Path) -> None:
 
 # ---------------------------------------------------------------- command
 def add_arguments(p) -> None:
-    p.add_argument("--only", choices=["tokenizer", "teacher", "draft", "cards"], default=None,
-                   help="run one stage (default: tokenizer, teacher, draft, cards)")
+    p.add_argument("--only", choices=["tokenizer", "teacher", "draft", "pair", "cards"],
+                   default=None, help="run one stage (default: tokenizer, teacher, draft, cards; "
+                   "'pair' measures the draft against the teacher again)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of teacher and draft (default: the fixed budget, 1000)")
     p.add_argument("--select-steps", type=int, default=SELECT_STEPS,
@@ -684,5 +704,7 @@ def run(args) -> int:
             cands = [k for k in DRAFT_CANDIDATES if k[0] == args.candidate]
         stage_draft(out, draft_s, min(args.select_steps, draft_s.steps), args.work,
                     args.resume, cands)
+    if "pair" in stages:
+        stage_pair(out)
     write_cards(out)
     return 0
