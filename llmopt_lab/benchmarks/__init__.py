@@ -38,6 +38,8 @@ BENCHMARKS: list[Benchmark] = [
               "prefill and decode throughput against the roofline"),
     Benchmark("02", "kv_cache", "llmopt_lab.benchmarks.kv_cache",
               "decode latency per token with and without a KV cache"),
+    Benchmark("03", "quantization", "llmopt_lab.benchmarks.quantization",
+              "int8/int4 kernels, quantized models' speed and memory, and quality per method"),
     Benchmark("06", "flash_attention", "llmopt_lab.benchmarks.flash_attention",
               "our flash-attention kernels against SDPA and naive attention"),
     Benchmark("08", "speculative", "llmopt_lab.benchmarks.speculative",

@@ -66,7 +66,7 @@ from . import reference  # noqa: E402
 #: kernel modules; each defines its kernels, a checked wrapper and COMPILE_SPECS.
 #: Import the wrappers from their modules (``from llmopt_lab.kernels.rmsnorm
 #: import rmsnorm``): re-exporting them here would shadow the module names.
-KERNEL_MODULES = ("rmsnorm", "flash_attention", "flash_decode")
+KERNEL_MODULES = ("rmsnorm", "flash_attention", "flash_decode", "quant_matmul")
 
 
 def compile_specs() -> list[dict]:

@@ -126,3 +126,110 @@ def online_softmax_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     lse = torch.where(seen, m + torch.log(torch.where(seen, l, 1.0)), float("-inf"))
     return out.to(q.dtype), lse
 
+
+# ------------------------------------------------------------------ quantized weights
+# The kernels' formats (llmopt_lab.transforms.quantize builds them). W is the
+# (N out, K in) weight of an nn.Linear, y = x @ W.T.
+#   int8 weight-only: qweight_t (K, N) int8 in [-127, 127] (W transposed:
+#         "K-major"), scales (N,) float32:   W[n, k] = qweight_t[k, n] * scales[n]
+#   int4: packed (K // 2, N) uint8, byte [j, n] = code[n, 2j] | code[n, 2j + 1] << 4,
+#         scales (K // G, N) float32, zeros (K // G, N) uint8 in [0, 15]:
+#         W[n, k] = (code[n, k] - zeros[k // G, n]) * scales[k // G, n]
+#   W8A8: qweight (N, K) int8 (nn.Linear's layout: int8 tensor cores want K
+#         contiguous), scales (N,) float32.
+# Why K-major for the weight-only formats: in a GEMV, neighbouring threads then
+# read neighbouring output features of the same input k, so one value of x
+# serves a whole vector of weights (see kernels/quant_matmul.py).
+
+def pack_int4_ref(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes two per byte along the last dimension.
+
+    codes: (..., K) integers in [0, 15], K even. Byte j holds code 2j in its
+    low nibble and code 2j + 1 in its high nibble. Returns (..., K // 2) uint8.
+    """
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_int4: the last dimension must be even, got {codes.shape[-1]}")
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_int4_ref(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_ref`: (..., K // 2) uint8 -> (..., K) uint8 codes."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)  # (..., K//2, 2) -> (..., K)
+
+
+def dequantize_int8_ref(qweight_t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """K-major int8 weights (K, N) with per-output-channel scales (N,) -> W (N, K) float32."""
+    return (qweight_t.float() * scales.float()[None, :]).t()
+
+
+def dequantize_int4_ref(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        group_size: int) -> torch.Tensor:
+    """Packed int4 (K // 2, N) with per-group scales and zero points (K // G, N)
+    -> W (N, K) float32."""
+    codes = unpack_int4_ref(packed.t()).float()  # (N, K)
+    N, K = codes.shape
+    codes = codes.view(N, K // group_size, group_size)
+    w = (codes - zeros.t().float()[..., None]) * scales.t().float()[..., None]  # (N, K/G, G)
+    return w.reshape(N, K)
+
+
+def _linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = torch.matmul(x.float(), w.t())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def int8_matmul_ref(x: torch.Tensor, qweight_t: torch.Tensor, scales: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with W in the int8 format: x (..., K) -> (..., N) in x's dtype.
+    Dequantizes to float32 and multiplies in float32."""
+    return _linear_ref(x, dequantize_int8_ref(qweight_t, scales), bias)
+
+
+def int4_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor, group_size: int,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with W in the packed int4 format: x (..., K) -> (..., N)
+    in x's dtype. Dequantizes to float32 and multiplies in float32."""
+    return _linear_ref(x, dequantize_int4_ref(packed, scales, zeros, group_size), bias)
+
+
+def quantize_per_token_int8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 quantization, one scale per row (token).
+
+    x: (..., K) float. Returns q (..., K) int8 in [-127, 127] and scale (...,)
+    float32 = absmax / 127 (1 for an all-zero row), so that x ~= q * scale.
+    Rounds half to even (torch.round).
+    """
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1) / 127.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(xf / scale[..., None]), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def w8a8_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                    bias: torch.Tensor | None = None,
+                    input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8: int8 weights (N, K) with per-channel scales (N,), activations
+    quantized to int8 per token on the fly.
+
+    x (..., K) float is first multiplied by ``input_scale`` (K,) when given (a
+    smoothing factor not folded into the previous op), then quantized per row
+    (:func:`quantize_per_token_int8_ref`); the integer products are summed
+    (in float32 here, exact while K * 127^2 < 2^24, i.e. K < 1040; int32 in
+    the kernel) and rescaled: ``y[m, n] = s_x[m] * s_w[n] * sum_k xq[m, k] wq[n, k]``.
+    Returns (..., N) in x's dtype.
+    """
+    xf = x.float()
+    if input_scale is not None:
+        xf = xf * input_scale.float()
+    xq, sx = quantize_per_token_int8_ref(xf)
+    acc = torch.matmul(xq.float(), qweight.float().t())  # (..., N)
+    y = acc * sx[..., None] * w_scales.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

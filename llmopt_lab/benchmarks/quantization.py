@@ -1,0 +1,450 @@
+"""Lesson 03 benchmark: quantized kernels, quantized models, and what they cost in quality.
+
+(a) Kernels (a GPU only): y = x @ W.T at batch 1 (GEMV, decode) and batch 16
+    for the Llama-3-8B MLP shapes (in x out: 4096x4096, 4096x14336,
+    14336x4096): bf16 ``torch.matmul`` against our int8 and int4 (group 128)
+    Triton kernels, W8A8, and fp8 ``torch._scaled_mm`` where the GPU has it.
+    Reported as weight bytes moved per second (GB/s), the fraction of the
+    device's memory bandwidth, and the speed-up over bf16. The weights are
+    rotated through copies larger than the L2 cache
+    (:class:`llmopt_lab.bench.OperandRotation`), so every run reads them from
+    memory. On a GPU a small sweep of GEMV launch configurations (block_n,
+    split_k) is recorded beside the defaults.
+(b) Models: decode tokens/s (static KV cache; eager, and replayed as a CUDA
+    graph on a GPU) and memory for bf16, int8, int4 and W8A8 (and fp8 where
+    real) on Llama-2-7B- and Llama-3.2-1B-shaped models with random weights.
+    GPTQ and AWQ produce the int4 format and run on the same kernel: their
+    speed is int4's. The lm_head stays in bf16.
+(c) Quality of every method on llmopt-tiny (synthetic:tiny with a note when
+    the zoo model is missing): held-out perplexity, KL to the float model,
+    top-1 agreement, bytes; GPTQ's and AWQ's share of RTN's perplexity
+    increase that they recover. Calibration: windows of the training split.
+
+Targets (checked on a GPU): int4 GEMV at batch 1 >= 3.0x bf16 and int8 >= 1.8x
+on the 14336-sized shapes; on llmopt-tiny, int8 perplexity within 1% of
+float32 and GPTQ and AWQ (group 128) each recovering >= half of RTN's
+perplexity increase.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import bench
+from ..weights import ZOO, load_model
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K in, N out)
+
+SIZES = {
+    # seconds on a CPU, for tests
+    "quick": dict(kernel_shapes=[(256, 384)], kernel_rows=[1, 16], sweep=False,
+                  models=["synthetic:tiny"], model_dtype="float32", formats=["float", "int8", "int4", "w8a8"],
+                  decode_batches=[1], context=32, steps=3,
+                  quality_model="synthetic:tiny", eval_windows=4, eval_window=64,
+                  calib_sequences=4, calib_len=64, quality_methods=None),
+    # a minute or two on a 2-core CPU
+    "cpu": dict(kernel_shapes=[], kernel_rows=[1, 16], sweep=False,
+                models=["llmopt-tiny"], model_dtype="float32", formats=["float", "int8", "int4", "w8a8"],
+                decode_batches=[1, 8], context=128, steps=8,
+                quality_model="llmopt-tiny", eval_windows=None, eval_window=None,
+                calib_sequences=64, calib_len=256, quality_methods=None),
+    # an H100/H200
+    "gpu": dict(kernel_shapes=SHAPES, kernel_rows=[1, 16], sweep=True,
+                models=["synthetic:llama-1b", "synthetic:llama-7b"], model_dtype="bfloat16",
+                formats=["float", "int8", "int4", "w8a8", "fp8"],
+                decode_batches=[1, 16], context=512, steps=32,
+                quality_model="llmopt-tiny", eval_windows=None, eval_window=None,
+                calib_sequences=128, calib_len=256, quality_methods=None),
+}
+
+#: (label, method, options) of part (c), in the order of the table
+QUALITY_METHODS = [
+    ("int8", "int8", {}),
+    ("int4 RTN g128", "int4", dict(group_size=128)),
+    ("int4 GPTQ g128", "gptq", dict(group_size=128)),
+    ("int4 AWQ g128", "awq", dict(group_size=128)),
+    ("int4 RTN g64", "int4", dict(group_size=64)),
+    ("int4 GPTQ g64 act-order", "gptq", dict(group_size=64, act_order=True)),
+    ("W8A8 naive", "w8a8", {}),
+    ("W8A8 SmoothQuant", "smoothquant", dict(alpha=0.5)),
+    ("fp8 e4m3", "fp8", {}),
+]
+
+
+def _device(device) -> torch.device:
+    return torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+
+
+# ==================================================================== (a) kernels
+def _weight_bytes(kind: str, N: int, K: int, group: int = 128) -> int:
+    if kind == "bf16":
+        return 2 * N * K
+    if kind in ("int8", "w8a8"):
+        return N * K + 4 * N
+    if kind == "fp8":
+        return N * K + 4
+    return N * K // 2 + (N * K // group) * 5  # packed codes + float32 scale + uint8 zero
+
+
+def _kernel_fns(kind: str, W: torch.Tensor, group: int, config: dict | None = None):
+    """(operands, fn(operands, x)) for one implementation; W (N, K) bf16."""
+    from ..kernels.quant_matmul import int4_matmul, int8_matmul, w8a8_matmul
+    from ..transforms.quantize import FP8Linear, quantize_int4, quantize_int8
+
+    if kind == "bf16":
+        return (W,), lambda ops, x: torch.matmul(x, ops[0].t())
+    if kind == "int8":
+        w = quantize_int8(W)
+        return (w.qweight.t().contiguous(), w.scales), lambda ops, x: int8_matmul(x, *ops, config=config)
+    if kind == "w8a8":
+        w = quantize_int8(W)
+        return (w.qweight, w.scales), lambda ops, x: w8a8_matmul(x, *ops)
+    if kind == "int4":
+        w = quantize_int4(W, group)
+        return (w.packed, w.scales, w.zeros), lambda ops, x: int4_matmul(x, *ops, group, config=config)
+    if kind == "fp8":
+        lin = FP8Linear(W, simulate=False)
+        return ((lin.weight_fp8, lin.weight_scale),
+                lambda ops, x: _fp8_mm(x, *ops))
+    raise ValueError(kind)
+
+
+def _fp8_mm(x, w8, ws):
+    from ..transforms.quantize import quantize_fp8
+
+    x8, sx = quantize_fp8(x)
+    M = x8.shape[0]
+    pad = (-M) % 16
+    if pad:
+        x8 = torch.cat([x8, x8.new_zeros(pad, x8.shape[1])])
+    y = torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=ws, out_dtype=torch.bfloat16)
+    y = y[0] if isinstance(y, tuple) else y
+    return y[:M]
+
+
+def time_matmul(kind: str, M: int, K: int, N: int, device, dtype=torch.bfloat16, group: int = 128,
+                config: dict | None = None, repeat: int = 50) -> dict:
+    """Median time of x (M, K) @ W.T for one implementation, weights rotated
+    through copies larger than twice the L2; bytes are the weight format's."""
+    g = torch.Generator(device=device).manual_seed(0)
+    W = (torch.randn(N, K, generator=g, device=device) * 0.02).to(dtype)
+    x = torch.randn(M, K, generator=g, device=device).to(dtype)
+    ops, fn = _kernel_fns(kind, W, group, config)
+    del W
+    rot = bench.OperandRotation(ops)
+    t = bench.time_fn(lambda o: fn(o, x), warmup=3, repeat=repeat, device=device, setup=rot.next)
+    nbytes = _weight_bytes(kind, N, K, group) + x.numel() * x.element_size()
+    return dict(kind=kind, M=M, K=K, N=N, time_s=t.median, spread=t.spread, bytes=nbytes,
+                gb_s=nbytes / t.median / 1e9, copies=rot.copies)
+
+
+def measure_kernels(shapes, rows, device, limits, sweep: bool = False, progress=None) -> list[dict]:
+    from ..transforms.quantize import fp8_support
+
+    kinds = ["bf16", "int8", "int4", "w8a8"] + (["fp8"] if fp8_support(device)[0] else [])
+    out = []
+    for K, N in shapes:
+        for M in rows:
+            base = None
+            for kind in kinds:
+                if progress:
+                    progress(f"kernel {kind} M={M} {K}x{N}")
+                r = time_matmul(kind, M, K, N, device)
+                base = r if kind == "bf16" else base
+                r["speedup"] = base["time_s"] / r["time_s"]
+                r["bandwidth_fraction"] = r["gb_s"] * 1e9 / limits.bandwidth
+                out.append(r)
+            if sweep and M == 1:
+                for kind in ("int8", "int4"):
+                    swept = _sweep_gemv(kind, M, K, N, device, limits, base)
+                    timed = [r for r in swept if "time_s" in r]
+                    if timed:
+                        min(timed, key=lambda r: r["time_s"])["best_of_sweep"] = True
+                    out.extend(swept)
+    return out
+
+
+#: the GEMV launch configurations swept on a GPU (block_w: words per program, one warp per 128)
+SWEEP = dict(block_w=(64, 128, 256), warps=(1, 4), rows_per_warp=(2, 4, 8), split_k=(None, 1, 8))
+
+
+def _sweep_gemv(kind, M, K, N, device, limits, base) -> list[dict]:
+    """Time GEMV launch configurations other than the default: words per
+    program (one warp per 128), k rows per step, split-K (None = the default
+    heuristic)."""
+    rows_out = []
+    for block_w in SWEEP["block_w"]:
+        for warps in SWEEP["warps"]:
+            for rpw in SWEEP["rows_per_warp"]:
+                for split_k in SWEEP["split_k"]:
+                    cfg = dict(path="gemv", block_w=block_w, num_warps=warps, rows=rpw * warps,
+                               split_k=split_k)
+                    try:
+                        r = time_matmul(kind, M, K, N, device, config=cfg, repeat=20)
+                    except Exception as e:  # a config the compiler rejects: record, go on
+                        rows_out.append(dict(kind=kind, M=M, K=K, N=N, sweep=cfg,
+                                             error=str(e)[:200]))
+                        continue
+                    r.update(sweep=cfg, speedup=base["time_s"] / r["time_s"],
+                             bandwidth_fraction=r["gb_s"] * 1e9 / limits.bandwidth)
+                    rows_out.append(r)
+    return rows_out
+
+
+# ===================================================================== (b) models
+def _load(name: str, device, dtype):
+    note = None
+    if name in ZOO and not (ZOO[name] / "config.json").exists():
+        note = f"{name} is not built in this checkout: synthetic:tiny stands in"
+        name = "synthetic:tiny"
+    model, tok = load_model(name, device=device, dtype=dtype)
+    return name, model, tok, note
+
+
+def decode_speed(model, batch: int, context: int, steps: int, graph: bool) -> dict:
+    """Median seconds of one decode step (batch sequences after ``context``
+    tokens, static cache), eager or replayed from a CUDA graph."""
+    from ..generate import decode_one_token, prefill
+    from ..kv_cache import StaticCache
+
+    c, dev = model.config, model.device
+    cache = StaticCache(c, batch, context + 8, device=dev, dtype=model.dtype)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, c.vocab_size, (batch, context), generator=g).to(dev)
+    prefill(model, ids, torch.full((batch,), context, device=dev), cache)
+    tok = torch.zeros(batch, dtype=torch.long, device=dev)
+    pos = torch.full((batch,), context, dtype=torch.long, device=dev)
+    step = lambda: decode_one_token(model, tok, pos, cache)  # noqa: E731
+    if graph:
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s):
+            for _ in range(3):  # compile the kernels, allocate, outside the capture
+                step()
+        torch.cuda.current_stream(dev).wait_stream(s)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            step()
+        step = cuda_graph.replay
+    t = bench.time_fn(step, warmup=2, repeat=steps, device=dev)
+    return dict(time_s=t.median, spread=t.spread, tokens_per_s=batch / t.median)
+
+
+def measure_models(p: dict, device, progress=None) -> list[dict]:
+    from ..transforms import model_bytes, quantize_model as quantize
+    from ..transforms.quantize import fp8_support
+
+    out = []
+    for name in p["models"]:
+        name, base, _, note = _load(name, device, p["model_dtype"])
+        entry = dict(model=name, dtype=str(base.dtype).replace("torch.", ""), note=note, rows=[])
+        for fmt in p["formats"]:
+            if fmt == "fp8" and not fp8_support(device)[0]:
+                entry["rows"].append(dict(format=fmt, skipped=fp8_support(device)[1]))
+                continue
+            if progress:
+                progress(f"{name} {fmt}")
+            model = base if fmt == "float" else quantize(base, fmt, copy=True)
+            row = dict(format=fmt if fmt != "float" else entry["dtype"], bytes=model_bytes(model),
+                       kernels=device.type == "cuda" and fmt not in ("float", "fp8"))
+            for batch in p["decode_batches"]:
+                with bench.peak_memory(device) as mem:
+                    eager = decode_speed(model, batch, p["context"], p["steps"], graph=False)
+                r = dict(batch=batch, eager_tokens_per_s=eager["tokens_per_s"],
+                         eager_time_s=eager["time_s"], peak_bytes=mem.peak)
+                if device.type == "cuda":
+                    try:
+                        gr = decode_speed(model, batch, p["context"], p["steps"], graph=True)
+                        r.update(graph_tokens_per_s=gr["tokens_per_s"], graph_time_s=gr["time_s"])
+                    except Exception as e:  # record why a capture failed, keep the eager figure
+                        r["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                row.setdefault("decode", []).append(r)
+            entry["rows"].append(row)
+            if model is not base:
+                del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        base_rows = {r["batch"]: r for r in entry["rows"][0]["decode"]}
+        for row in entry["rows"]:
+            for r in row.get("decode", []):
+                b = base_rows[r["batch"]]
+                key = "graph_tokens_per_s" if "graph_tokens_per_s" in r and "graph_tokens_per_s" in b \
+                    else "eager_tokens_per_s"
+                r["speedup"] = r[key] / b[key]
+                r["speedup_of"] = key
+        out.append(entry)
+        del base
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+# ==================================================================== (c) quality
+def quality_data(model, tokenizer, p: dict):
+    """(eval ids, lengths, calibration batches, note): held-out windows and
+    training-split calibration with a tokenizer; random tokens without one."""
+    if tokenizer is not None:
+        from .. import data
+        from ..transforms.calibration import training_calibration_set
+
+        ev = data.heldout_set(tokenizer, quick=True)
+        ids, lengths = ev.ids, ev.lengths
+        if p["eval_windows"]:
+            ids, lengths = ids[: p["eval_windows"]], lengths[: p["eval_windows"]]
+        calib = training_calibration_set(tokenizer, p["calib_sequences"], p["calib_len"])
+        return ids, lengths, calib, "held-out quick set; calibration from the training split"
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    n, w = p["eval_windows"] or 16, p["eval_window"] or 128
+    ids = torch.randint(0, V, (n, w), generator=g)
+    lengths = torch.full((n,), w)
+    stream = torch.randint(0, V, (p["calib_sequences"] * p["calib_len"] * 2,), generator=g)
+    from ..transforms.calibration import calibration_batches
+
+    calib = calibration_batches(stream, p["calib_sequences"], p["calib_len"])
+    return ids, lengths, calib, "random tokens (no tokenizer): quality numbers are not meaningful"
+
+
+def measure_quality(p: dict, device, progress=None) -> dict:
+    import warnings
+
+    from ..transforms import bytes_breakdown, compare_quality, model_bytes, quantize_model as quantize
+
+    name, base, tok, note = _load(p["quality_model"], device, "float32")
+    ids, lengths, calib, data_note = quality_data(base, tok, p)
+    rows = [dict(label="float32", method="none", bytes=model_bytes(base),
+                 linear_bytes=bytes_breakdown(base)["linear"])]
+    for label, method, opts in p["quality_methods"] or QUALITY_METHODS:
+        if progress:
+            progress(f"quality {label}")
+        kw = dict(opts)
+        if method in ("gptq", "awq", "smoothquant"):
+            kw["calibration"] = calib
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            q = quantize(base, method, copy=True, **kw)
+            res = compare_quality(base, q, ids, lengths)
+        bd = bytes_breakdown(q)
+        res.update(label=label, method=method, options={k: v for k, v in opts.items()},
+                   bytes=sum(bd.values()), linear_bytes=bd["linear"] + bd["quant_params"],
+                   warnings=sorted({str(w.message)[:160] for w in caught}))
+        if method == "fp8":
+            res["simulated"] = any(m.mode == "simulated" for m in q.modules() if hasattr(m, "mode"))
+        rows.append(res)
+        del q
+    if rows[1:]:
+        rows[0].update(ppl=rows[1]["ppl_ref"], ppl_ref=rows[1]["ppl_ref"], ppl_delta_pct=0.0,
+                       kl=0.0, top1=1.0)
+    by = {r["label"]: r for r in rows}
+    for g in (128, 64):
+        rtn = by.get(f"int4 RTN g{g}")
+        for r in rows:
+            if rtn and r["method"] in ("gptq", "awq") and r["options"].get("group_size") == g:
+                # the share of RTN's damage undone: in perplexity (noisy when RTN's
+                # increase is tiny) and in KL to the float model (steadier)
+                lost = rtn["ppl"] - rtn["ppl_ref"]
+                r["recovered"] = (rtn["ppl"] - r["ppl"]) / lost if lost > 0 else float("nan")
+                r["recovered_kl"] = 1.0 - r["kl"] / rtn["kl"] if rtn["kl"] > 0 else float("nan")
+    checks = {}
+    if "int8" in by:
+        checks["int8_ppl_within_1pct"] = abs(by["int8"]["ppl_delta_pct"]) <= 1.0
+    for lab in ("int4 GPTQ g128", "int4 AWQ g128"):
+        if lab in by and "recovered" in by[lab]:
+            checks[f"{lab} recovers >= 50% of RTN's ppl increase"] = bool(by[lab]["recovered"] >= 0.5)
+            checks[f"{lab} recovers >= 50% of RTN's KL"] = bool(by[lab]["recovered_kl"] >= 0.5)
+    return dict(model=name, note=note, data=data_note, eval_tokens=rows[-1].get("tokens"),
+                calibration_tokens=sum(b.numel() for b in calib), rows=rows, checks=checks)
+
+
+# ========================================================================== run
+def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
+    """Run the lesson 03 benchmark at a named size; returns a JSON-able dict."""
+    from tqdm.auto import tqdm
+
+    p = SIZES[size]
+    dev = _device(device)
+    limits = bench.device_limits(dev)
+    out = dict(benchmark="quantization", lesson="03", size=size, limits=limits.to_dict())
+    bar = tqdm(desc="lesson 03", disable=not progress, leave=False)
+
+    def note(text):
+        bar.set_postfix_str(text)
+        bar.update()
+
+    torch.manual_seed(0)
+    if dev.type == "cuda" and p["kernel_shapes"]:
+        out["kernels"] = measure_kernels(p["kernel_shapes"], p["kernel_rows"], dev, limits,
+                                         p["sweep"], note)
+    else:
+        out["kernels"] = []
+        out["kernels_note"] = "kernel timings need a CUDA GPU (run with --size gpu there)"
+    out["models"] = measure_models(p, dev, note)
+    out["quality"] = measure_quality(p, dev, note)
+    bar.close()
+    return out
+
+
+def summary_rows(result: dict) -> list[dict]:
+    rows = []
+    for r in result.get("kernels", []):
+        if "sweep" in r and not r.get("best_of_sweep"):
+            continue
+        cfg = r.get("sweep")
+        rows.append({"part": "kernel", "case": f"M={r['M']} {r['K']}x{r['N']}",
+                     "variant": r["kind"] + (" (best swept)" if cfg else ""),
+                     "value": r["gb_s"], "unit": "GB/s", "vs base": r["speedup"],
+                     "note": f"{100 * r['bandwidth_fraction']:.0f}% of bandwidth"
+                             + (f" w={cfg['block_w']} warps={cfg['num_warps']} rows={cfg['rows']}"
+                                f" split={cfg['split_k']}"
+                                if cfg else "")})
+    for m in result.get("models", []):
+        for row in m["rows"]:
+            if "skipped" in row:
+                rows.append({"part": "model", "case": m["model"], "variant": row["format"],
+                             "value": None, "unit": "", "vs base": None, "note": row["skipped"][:60]})
+                continue
+            for d in row["decode"]:
+                best = d.get("graph_tokens_per_s", d["eager_tokens_per_s"])
+                rows.append({"part": "model", "case": f"{m['model']} b={d['batch']}",
+                             "variant": row["format"], "value": best, "unit": "tok/s",
+                             "vs base": d["speedup"],
+                             "note": f"{row['bytes'] / 2**20:.0f} MiB"
+                                     + (" graph" if "graph_tokens_per_s" in d else " eager")})
+    q = result.get("quality", {})
+    for r in q.get("rows", []):
+        rows.append({"part": "quality", "case": q["model"], "variant": r["label"],
+                     "value": r.get("ppl"), "unit": "ppl", "vs base": None,
+                     "note": (f"{r['ppl_delta_pct']:+.2f}% KL {r['kl']:.4f} top1 {r['top1']:.3f}"
+                              if "kl" in r else "")
+                             + (f" recovered {100 * r['recovered']:.0f}%" if "recovered" in r
+                                and not math.isnan(r["recovered"]) else "")
+                             + (f" (KL {100 * r['recovered_kl']:.0f}%)" if "recovered_kl" in r
+                                and not math.isnan(r["recovered_kl"]) else "")})
+    return rows
+
+
+def plot(result: dict, provenance: dict):
+    """Kernel speed-ups over bf16 (a GPU), else quality (perplexity increase) per method."""
+    from .. import plots
+
+    kern = [r for r in result.get("kernels", []) if "sweep" not in r and r["kind"] != "bf16"]
+    if kern:
+        labels = [f"{r['kind']} M={r['M']} {r['K']}x{r['N']}" for r in kern]
+        return plots.speedup_bars(labels, [r["speedup"] for r in kern], baseline="bf16 matmul",
+                                  provenance=provenance,
+                                  title="Quantized matmul kernels: speed-up over bf16")
+    from matplotlib.figure import Figure
+
+    rows = [r for r in result["quality"]["rows"] if r["method"] != "none"]
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(range(len(rows)), [r["ppl_delta_pct"] for r in rows], color="tab:blue")
+    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("perplexity increase over float32 (%)")
+    ax.set_title(f"Quantization quality on {result['quality']['model']}")
+    ax.axhline(0, color="k", lw=0.8)
+    plots.stamp(fig, provenance)
+    return fig
