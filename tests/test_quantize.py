@@ -261,6 +261,8 @@ def test_quantize_errors(tiny, calib):
         Q.quantize(tiny, "awq", copy=True, calibration=[torch.full((1, 8), 9999)])
     with pytest.raises(Q.QuantizationError, match="backend"):
         Q.quantize(tiny, "int8", copy=True, backend="fast")
+    with pytest.raises(Q.QuantizationError, match="objective"):
+        Q.quantize(tiny, "awq", copy=True, calibration=calib, objective="model")
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant", "w8a8", "fp8"])
@@ -278,6 +280,9 @@ def test_calibrated_and_activation_methods_on_a_model(tiny, ids, calib, method):
     layer = m.layers[0].self_attn.o_proj
     assert isinstance(layer, {"gptq": Q.Int4Linear, "awq": Q.Int4Linear, "smoothquant": Q.W8A8Linear,
                               "w8a8": Q.W8A8Linear, "fp8": Q.FP8Linear}[method])
+    if method == "awq":  # the other objective runs too
+        m2 = Q.quantize(tiny, method, copy=True, group_size=64, calibration=calib, objective="module")
+        assert rel(m2(ids), ref) < 0.5 and set(m2.quantization["alphas"]) == set(m.quantization["alphas"])
     if method in ("awq", "smoothquant"):  # grouped-query attention: o_proj keeps its 1/s
         assert layer.input_scale is not None
         assert m.layers[0].mlp.down_proj.input_scale is None  # folded into up_proj

@@ -73,6 +73,17 @@ QUALITY_METHODS = [
 ]
 
 
+#: part (c) again on the model with planted activation outliers
+PLANTED = dict(num_channels=4, factor=30.0)
+PLANTED_METHODS = [
+    ("int4 RTN g128", "int4", dict(group_size=128)),
+    ("int4 GPTQ g128", "gptq", dict(group_size=128)),
+    ("int4 AWQ g128", "awq", dict(group_size=128)),
+    ("W8A8 naive", "w8a8", {}),
+    ("W8A8 SmoothQuant", "smoothquant", dict(alpha=0.5)),
+]
+
+
 def _device(device) -> torch.device:
     return torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -308,18 +319,16 @@ def quality_data(model, tokenizer, p: dict):
     return ids, lengths, calib, "random tokens (no tokenizer): quality numbers are not meaningful"
 
 
-def measure_quality(p: dict, device, progress=None) -> dict:
+def _quality_rows(base, methods, ids, lengths, calib, progress=None, tag: str = "") -> list[dict]:
+    """One compare_quality row per (label, method, options), each against ``base``."""
     import warnings
 
-    from ..transforms import bytes_breakdown, compare_quality, model_bytes, quantize_model as quantize
+    from ..transforms import bytes_breakdown, compare_quality, quantize_model as quantize
 
-    name, base, tok, note = _load(p["quality_model"], device, "float32")
-    ids, lengths, calib, data_note = quality_data(base, tok, p)
-    rows = [dict(label="float32", method="none", bytes=model_bytes(base),
-                 linear_bytes=bytes_breakdown(base)["linear"])]
-    for label, method, opts in p["quality_methods"] or QUALITY_METHODS:
+    rows = []
+    for label, method, opts in methods:
         if progress:
-            progress(f"quality {label}")
+            progress(f"quality {label}{tag}")
         kw = dict(opts)
         if method in ("gptq", "awq", "smoothquant"):
             kw["calibration"] = calib
@@ -328,35 +337,65 @@ def measure_quality(p: dict, device, progress=None) -> dict:
             q = quantize(base, method, copy=True, **kw)
             res = compare_quality(base, q, ids, lengths)
         bd = bytes_breakdown(q)
-        res.update(label=label, method=method, options={k: v for k, v in opts.items()},
-                   bytes=sum(bd.values()), linear_bytes=bd["linear"] + bd["quant_params"],
+        res.update(label=label, method=method, options=dict(opts), bytes=sum(bd.values()),
+                   linear_bytes=bd["linear"] + bd["quant_params"],
                    warnings=sorted({str(w.message)[:160] for w in caught}))
         if method == "fp8":
             res["simulated"] = any(m.mode == "simulated" for m in q.modules() if hasattr(m, "mode"))
         rows.append(res)
         del q
+    _recovery(rows)
+    return rows
+
+
+def _recovery(rows: list[dict]) -> None:
+    """Add to GPTQ/AWQ rows the share of RTN's damage (same group size) they undo:
+    in perplexity (noisy when RTN's increase is tiny) and in KL (steadier)."""
+    rtn = {r["options"].get("group_size"): r for r in rows if r["method"] == "int4"}
+    for r in rows:
+        base = rtn.get(r["options"].get("group_size"))
+        if base is not None and r["method"] in ("gptq", "awq"):
+            lost = base["ppl"] - base["ppl_ref"]
+            r["recovered"] = (base["ppl"] - r["ppl"]) / lost if lost > 0 else float("nan")
+            r["recovered_kl"] = 1.0 - r["kl"] / base["kl"] if base["kl"] > 0 else float("nan")
+
+
+def measure_quality(p: dict, device, progress=None) -> dict:
+    """Part (c): every method on the quality model, then a few on the same model
+    with planted activation outliers (:func:`~llmopt_lab.transforms.smoothquant.plant_outliers`:
+    its float function unchanged), where AWQ and SmoothQuant have something to
+    protect. Also the natural outlier ratios (max / median channel absmax)."""
+    import copy
+
+    from ..transforms import bytes_breakdown, model_bytes
+    from ..transforms.smoothquant import activation_outliers, plant_outliers
+
+    name, base, tok, note = _load(p["quality_model"], device, "float32")
+    ids, lengths, calib, data_note = quality_data(base, tok, p)
+    outliers = {k: dict(ratio=v.ratio, top_channels=v.channels[:4], top_values=v.values[:4])
+                for k, v in activation_outliers(base, calib[:2]).items()}
+    rows = [dict(label="float32", method="none", options={}, bytes=model_bytes(base),
+                 linear_bytes=bytes_breakdown(base)["linear"])]
+    rows += _quality_rows(base, p["quality_methods"] or QUALITY_METHODS, ids, lengths, calib,
+                          progress)
     if rows[1:]:
         rows[0].update(ppl=rows[1]["ppl_ref"], ppl_ref=rows[1]["ppl_ref"], ppl_delta_pct=0.0,
                        kl=0.0, top1=1.0)
+    planted_model = copy.deepcopy(base)
+    channels = plant_outliers(planted_model, **PLANTED)
+    planted = _quality_rows(planted_model, PLANTED_METHODS, ids, lengths, calib, progress,
+                            " [planted outliers]")
     by = {r["label"]: r for r in rows}
-    for g in (128, 64):
-        rtn = by.get(f"int4 RTN g{g}")
-        for r in rows:
-            if rtn and r["method"] in ("gptq", "awq") and r["options"].get("group_size") == g:
-                # the share of RTN's damage undone: in perplexity (noisy when RTN's
-                # increase is tiny) and in KL to the float model (steadier)
-                lost = rtn["ppl"] - rtn["ppl_ref"]
-                r["recovered"] = (rtn["ppl"] - r["ppl"]) / lost if lost > 0 else float("nan")
-                r["recovered_kl"] = 1.0 - r["kl"] / rtn["kl"] if rtn["kl"] > 0 else float("nan")
     checks = {}
     if "int8" in by:
-        checks["int8_ppl_within_1pct"] = abs(by["int8"]["ppl_delta_pct"]) <= 1.0
+        checks["int8 ppl within 1% of float32"] = abs(by["int8"]["ppl_delta_pct"]) <= 1.0
     for lab in ("int4 GPTQ g128", "int4 AWQ g128"):
         if lab in by and "recovered" in by[lab]:
             checks[f"{lab} recovers >= 50% of RTN's ppl increase"] = bool(by[lab]["recovered"] >= 0.5)
             checks[f"{lab} recovers >= 50% of RTN's KL"] = bool(by[lab]["recovered_kl"] >= 0.5)
     return dict(model=name, note=note, data=data_note, eval_tokens=rows[-1].get("tokens"),
-                calibration_tokens=sum(b.numel() for b in calib), rows=rows, checks=checks)
+                calibration_tokens=sum(b.numel() for b in calib), rows=rows, checks=checks,
+                outliers=outliers, planted=dict(PLANTED, channels=channels, rows=planted))
 
 
 # ========================================================================== run
@@ -414,7 +453,8 @@ def summary_rows(result: dict) -> list[dict]:
                              "note": f"{row['bytes'] / 2**20:.0f} MiB"
                                      + (" graph" if "graph_tokens_per_s" in d else " eager")})
     q = result.get("quality", {})
-    for r in q.get("rows", []):
+    planted = [dict(r, label=r["label"] + " [planted]") for r in q.get("planted", {}).get("rows", [])]
+    for r in q.get("rows", []) + planted:
         rows.append({"part": "quality", "case": q["model"], "variant": r["label"],
                      "value": r.get("ppl"), "unit": "ppl", "vs base": None,
                      "note": (f"{r['ppl_delta_pct']:+.2f}% KL {r['kl']:.4f} top1 {r['top1']:.3f}"

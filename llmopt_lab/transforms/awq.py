@@ -31,13 +31,14 @@ The result is the same packed int4 format as RTN and GPTQ, on the same kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from .calibration import LinearGroup, as_batches, collect_input_stats, decoder_groups, lm_head_group
-from .quantize import Int4Linear, Int4Weight, check_group_size, quantize_int4, replace_module
+from .quantize import (Int4Linear, Int4Weight, QuantizationError, check_group_size, quantize_int4,
+                       replace_module)
 
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 down to 0.5
 
@@ -105,7 +106,8 @@ class AWQSearch:
 
 @torch.no_grad()
 def awq_search_scale(weights: Sequence[torch.Tensor], x_abs_mean: torch.Tensor, H: torch.Tensor,
-                     group_size: int = 128, grid: int = 20, duo: bool = True) -> AWQSearch:
+                     group_size: int = 128, grid: int = 20, duo: bool = True,
+                     error_fn: Callable[[torch.Tensor], float] | None = None) -> AWQSearch:
     """Grid search of alpha in {0, 1/grid, ..., (grid-1)/grid} for layers
     sharing one input (e.g. q, k, v): the alpha whose ``s = mean|x|^alpha``
     gives the smallest summed output error (:func:`awq_scale_error`); with
@@ -113,10 +115,12 @@ def awq_search_scale(weights: Sequence[torch.Tensor], x_abs_mean: torch.Tensor, 
     (the error is exact, so more candidates can only lower it).
 
     weights: (N_i, K) each; x_abs_mean: (K,) mean |x| per input channel;
-    H: (K, K) = 2 X^T X / n. Returns an :class:`AWQSearch`.
+    H: (K, K) = 2 X^T X / n. error_fn: scores a candidate s instead (e.g. the
+    error of a whole attention or MLP block, see :func:`module_error_fn`).
+    Returns an :class:`AWQSearch`.
     """
     if grid < 1:
-        raise ValueError(f"grid must be >= 1, got {grid}")
+        raise QuantizationError(f"grid must be >= 1, got {grid}")
     for W in weights:
         check_group_size(group_size, W.shape[-1])
     H = H.float().to(weights[0].device)
@@ -127,11 +131,57 @@ def awq_search_scale(weights: Sequence[torch.Tensor], x_abs_mean: torch.Tensor, 
         for i in range(grid):
             alpha = i / grid
             s = awq_scales(x_abs_mean, alpha, w_rel if use_duo else None)
-            err = awq_scale_error(weights, s, H, group_size)
+            err = error_fn(s) if error_fn is not None else awq_scale_error(weights, s, H, group_size)
             errors.append((alpha, use_duo, err))
             if best is None or err < best[1]:
                 best = (alpha, err, s, use_duo)
     return AWQSearch(scales=best[2], alpha=best[0], duo=best[3], errors=errors)
+
+
+class _Capture:
+    """Inputs and outputs of a module's calls during calibration (for replays)."""
+
+    def __init__(self, module: nn.Module):
+        self.calls: list[tuple[tuple, dict]] = []
+        self.outputs: list[torch.Tensor] = []
+        self._hooks = [module.register_forward_pre_hook(self._pre, with_kwargs=True),
+                       module.register_forward_hook(self._post)]
+
+    def _pre(self, module, args, kwargs):
+        self.calls.append((args, kwargs))
+
+    def _post(self, module, args, output):
+        self.outputs.append(output.detach())
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def module_error_fn(module: nn.Module, linears: Sequence[nn.Linear], capture: _Capture,
+                    group_size: int) -> Callable[[torch.Tensor], float]:
+    """An ``error_fn`` for :func:`awq_search_scale`: for a candidate s, put
+    ``Q(W * s) / s`` into the ``linears`` of ``module`` (e.g. q/k/v of an
+    attention block), replay the module on its calibration inputs and return
+    the squared error of its outputs (restoring the weights after). This is
+    the block-level objective of AWQ's reference implementation: errors in q
+    and k matter through the softmax, not one for one."""
+    def error(s: torch.Tensor) -> float:
+        saved = [lin.weight.data for lin in linears]
+        try:
+            for lin in linears:
+                w = lin.weight.data.float()
+                lin.weight.data = (quantize_int4(w * s, group_size).dequantize() / s).to(
+                    lin.weight.dtype)
+            total = 0.0
+            for (args, kwargs), ref in zip(capture.calls, capture.outputs):
+                total += float((module(*args, **kwargs).float() - ref.float()).pow(2).sum())
+            return total
+        finally:
+            for lin, w in zip(linears, saved):
+                lin.weight.data = w
+    return error
 
 
 @torch.no_grad()
@@ -215,14 +265,20 @@ def fold_scales(group: LinearGroup, s: torch.Tensor) -> torch.Tensor | None:
 @torch.no_grad()
 def awq_quantize_model(model: nn.Module, calibration, group_size: int = 128, grid: int = 20,
                        clip: bool = True, clip_ratios: Sequence[float] = CLIP_RATIOS,
-                       duo: bool = True, include_lm_head: bool = False, backend: str = "auto",
+                       duo: bool = True, objective: str = "layer",
+                       include_lm_head: bool = False, backend: str = "auto",
                        progress: bool = False) -> dict:
     """AWQ every decoder block in place (and the lm_head when asked), block by
     block (block i calibrated on the outputs of the quantized blocks before
     it). Per block: statistics of the four input groups, a scale search per
     group (on the float block), the scales folded into the previous ops, then
-    each layer's clip search and int4 quantization. Returns a report:
-    {group name: chosen alpha}."""
+    each layer's clip search and int4 quantization. ``objective``: what a
+    candidate scale is scored by: 'layer' (the output error of the layers
+    themselves, from H) or 'module' (q/k/v by the attention block's output,
+    gate/up by the MLP's; o and down by their own output either way).
+    Returns a report: {group name: chosen alpha}."""
+    if objective not in ("layer", "module"):
+        raise QuantizationError(f"objective must be 'layer' or 'module', got {objective!r}")
     batches = as_batches(calibration)
     report: dict[str, float] = {}
     todo = list(range(len(model.layers))) + (["lm_head"] if include_lm_head else [])
@@ -231,19 +287,33 @@ def awq_quantize_model(model: nn.Module, calibration, group_size: int = 128, gri
 
         todo = tqdm(todo, desc="awq", leave=False)
     for i in todo:
+        caps = {}
         if i == "lm_head":
             groups = [lm_head_group(model)]
             stats = collect_input_stats(model, batches, {"lm_head": model.lm_head})
         else:
             groups = decoder_groups(model, i)
-            stats = collect_input_stats(model, batches, {g.names[0]: g.modules[0] for g in groups},
-                                        stop_after=model.layers[i])
+            layer = model.layers[i]
+            caps = {}
+            if objective == "module":
+                caps = {"attn_in": _Capture(layer.self_attn), "mlp_in": _Capture(layer.mlp)}
+            try:
+                stats = collect_input_stats(model, batches,
+                                            {g.names[0]: g.modules[0] for g in groups},
+                                            stop_after=layer)
+            finally:
+                for c in caps.values():
+                    c.remove()
+            inspect = {"attn_in": layer.self_attn, "mlp_in": layer.mlp}
         plan = []
         for g in groups:  # search every group on the float block first ...
             st = stats[g.names[0]]
             H = st.hessian
+            fn = None
+            if i != "lm_head" and g.key in caps:
+                fn = module_error_fn(inspect[g.key], g.modules, caps[g.key], group_size)
             search = awq_search_scale([m.weight for m in g.modules], st.abs_mean, H, group_size,
-                                      grid, duo)
+                                      grid, duo, error_fn=fn)
             report["lm_head" if i == "lm_head" else f"layers.{i}.{g.key}"] = search.alpha
             plan.append((g, search.scales, H))
         scaled = []
@@ -258,9 +328,10 @@ def awq_quantize_model(model: nn.Module, calibration, group_size: int = 128, gri
                                input_scale=input_scale, backend=backend)
                 replace_module(model, name, q)
         del stats
+        caps = {}
     return report
 
 
 __all__ = ["awq_scales", "weight_rel_mean", "awq_scale_error", "awq_search_scale", "awq_search_clip",
-           "awq_quantize_layer", "awq_quantize_model", "fold_scales", "AWQSearch", "AWQResult",
+           "awq_quantize_layer", "awq_quantize_model", "module_error_fn", "fold_scales", "AWQSearch", "AWQResult",
            "CLIP_RATIOS"]

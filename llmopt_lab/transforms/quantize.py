@@ -639,7 +639,7 @@ _OPTIONS = {
     "int8": set(),
     "int4": set(),
     "gptq": {"damp", "act_order", "block_size", "static_groups"},
-    "awq": {"grid", "clip", "clip_ratios", "duo"},
+    "awq": {"grid", "clip", "clip_ratios", "duo", "objective"},
     "w8a8": set(),
     "smoothquant": {"alpha"},
     "fp8": {"simulate"},
@@ -662,8 +662,11 @@ def quantize(model: nn.Module, method: str, *, group_size: int = 128,
           ``static_groups`` (False; forced by act_order).
         * ``"awq"``: the int4 format, AWQ scaling (calibrated). Options:
           ``grid`` (20 values of alpha in [0, 1)), ``duo`` (True: also try
-          duo-scaling candidates), ``clip`` (True: also search a clipping
-          ratio per group).
+          duo-scaling candidates), ``objective`` ('layer', the default: score
+          a candidate by the layers' own output error, exact from H; 'module':
+          q/k/v by the attention block's output and gate/up by the MLP's, as
+          AWQ's reference code, several times slower), ``clip`` (True: also
+          search a clipping ratio per group).
         * ``"w8a8"``: int8 weights and per-token dynamic int8 activations, no
           smoothing (naive).
         * ``"smoothquant"``: W8A8 after SmoothQuant's migration (calibrated).
