@@ -66,6 +66,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows
     return torch.matmul(probs, v).to(q.dtype)
 
+
 def online_softmax_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  mask: torch.Tensor | None = None, scale: float | None = None,
                                  block_size: int = 16, return_lse: bool = False):
