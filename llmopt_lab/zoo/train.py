@@ -49,6 +49,16 @@ from ..weights import load_model, save_model
 from . import DRAFT_NAME, TEACHER_NAME, ZOO_ROOT
 
 VOCAB_SIZE = 4096
+
+#: How text is cut before BPE merges (merges never cross these cuts). Every
+#: newline is its own piece and a line's indentation another, so that a prompt
+#: ending in "\n" or in its indentation ends on a token boundary that training
+#: also had (GPT-2's pattern glues a newline to the next line's indentation: a
+#: prompt "def f():\n" then ends in a token that, in training, was only ever
+#: followed by unindented code). Identifiers keep their underscores and take
+#: one leading space, as words do in GPT-2's pattern.
+PRETOKENIZE_PATTERN = (r"\n|(?<=\n)[ \t]+|[^\S\n]?[\p{L}_][\p{L}\p{N}_]*|[^\S\n]?\p{N}+"
+                       r"|[^\S\n]?[^\s\p{L}\p{N}_]+|[^\S\n]+")
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 0  # the first special token gets id 0
 
@@ -130,13 +140,16 @@ def train_tokenizer(files, vocab_size: int = VOCAB_SIZE):
 
     Byte-level: every byte has a token, so any text (any indentation, tabs,
     non-ASCII) encodes and decodes back exactly. No normalizer, no prefix
-    space, no BOS: ``decode(encode(text)) == text``.
+    space, no BOS: ``decode(encode(text)) == text``. Pieces are cut by
+    :data:`PRETOKENIZE_PATTERN` first.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[EOS_TOKEN], min_frequency=2, show_progress=False,
