@@ -200,3 +200,151 @@ def speculative_explorer(measured: dict | None = None):
         w.observe(redraw, names="value")
     redraw()
     return box
+
+
+#: granularities the quantization explorer offers: label -> (granularity, group size)
+QUANT_GRANULARITIES = {"per tensor": ("tensor", None), "per channel": ("channel", None),
+                       "group 256": ("group", 256), "group 128": ("group", 128),
+                       "group 64": ("group", 64), "group 32": ("group", 32)}
+
+
+def bits_per_weight(shapes, bits: int, granularity: str = "group", group_size: int | None = 128,
+                    symmetric: bool = False) -> float:
+    """Storage per weight, in bits, of ``bits``-bit codes plus their scales
+    (float32) and zero points (uint8, when not symmetric), as the course's
+    formats store them, averaged over weights of the given (N, K) shapes."""
+    per_scale = 32 + (0 if symmetric else 8)
+    total = weights = 0
+    for N, K in shapes:
+        if granularity == "tensor":
+            scales = 1
+        else:
+            scales = N if granularity == "channel" else N * (K // group_size)
+        total += N * K * bits + scales * per_scale
+        weights += N * K
+    return total / weights
+
+
+def fake_quantized_quality(model, evalset_ids, lengths=None, include_lm_head: bool = False):
+    """A function that measures ``model`` with its linear weights rounded
+    (:func:`~llmopt_lab.transforms.quantize.fake_quantize`) at any setting.
+
+    The returned ``quality(bits=4, granularity="group", group_size=128,
+    symmetric=False)`` writes the fake-quantized weights of ``model``'s
+    decoder-block linear layers (and the lm_head if asked) into one private
+    copy of the model, compares it with ``model`` on the windows
+    ``evalset_ids`` (N, W) / ``lengths`` (N,) with
+    :func:`~llmopt_lab.transforms.quantize.compare_quality`, and returns that
+    dict plus ``bits_per_weight`` (:func:`bits_per_weight`). Results are
+    cached per setting; ``model`` itself is never modified.
+    """
+    import copy
+
+    import torch
+
+    from .transforms.quantize import compare_quality, fake_quantize, linear_layers
+
+    source = linear_layers(model, include_lm_head)
+    work = copy.deepcopy(model)
+    targets = linear_layers(work, include_lm_head)
+    shapes = [tuple(m.weight.shape) for m in source.values()]
+    cache: dict = {}
+
+    def quality(bits: int = 4, granularity: str = "group", group_size: int | None = 128,
+                symmetric: bool = False) -> dict:
+        key = (bits, granularity, group_size if granularity == "group" else None, symmetric)
+        if key not in cache:
+            with torch.no_grad():
+                for name, m in targets.items():
+                    m.weight.copy_(fake_quantize(source[name].weight.detach(), bits, symmetric,
+                                                 granularity, key[2]))
+            res = compare_quality(model, work, evalset_ids, lengths)
+            res["bits_per_weight"] = bits_per_weight(shapes, bits, granularity, key[2], symmetric)
+            cache[key] = res
+        return dict(cache[key])
+
+    return quality
+
+
+def quantization_explorer(weight, quality_fn=None, name: str = "weight"):
+    """Sliders for bits (2-8), granularity and symmetric/zero-point rounding of
+    one weight matrix (N, K): shows the reconstruction error (relative rms,
+    SQNR, bits per weight) and a histogram of the rounding error.
+
+    quality_fn: optional ``f(bits, granularity, group_size, symmetric) -> dict``
+    (e.g. :func:`fake_quantized_quality`) run by a button, for the whole
+    model's perplexity delta, KL and top-1 agreement at the same setting.
+    Returns an ipywidgets VBox with ``.state`` (the latest
+    :func:`~llmopt_lab.transforms.quantize.quantization_error` dict plus
+    bits, granularity, group_size, symmetric, bits_per_weight, and ``quality``:
+    the last measurement at this setting or None) and ``.controls``.
+    """
+    import ipywidgets as W
+    from matplotlib.figure import Figure
+
+    from .transforms.quantize import fake_quantize, quantization_error
+
+    w = weight.detach().float()
+    if w.dim() != 2:
+        raise ValueError("quantization_explorer expects a 2-D weight (N, K), got shape "
+                         f"{tuple(w.shape)}")
+    options = [k for k, (_, gs) in QUANT_GRANULARITIES.items()
+               if gs is None or w.shape[1] % gs == 0]
+    bits = W.IntSlider(value=4, min=2, max=8, description="bits")
+    start = "group 128" if "group 128" in options else "per channel"
+    gran = W.Dropdown(options=options, value=start, description="scales")
+    sym = W.ToggleButtons(options=[("zero point", False), ("absmax", True)], value=False,
+                          description="rounding")
+    label = W.HTML()
+    out = W.Output()
+    rows = [W.HBox([bits, gran]), sym, label, out]
+    box = W.VBox()
+    box.controls = {"bits": bits, "granularity": gran, "symmetric": sym}
+    if quality_fn is not None:
+        button = W.Button(description="measure the model")
+        qlabel = W.HTML("whole model: press the button")
+        rows[3:3] = [W.HBox([button, qlabel])]
+        box.controls["measure"] = button
+    box.children = rows
+
+    def setting():
+        g, gs = QUANT_GRANULARITIES[gran.value]
+        return dict(bits=bits.value, granularity=g, group_size=gs, symmetric=sym.value)
+
+    def redraw(_=None):
+        s = setting()
+        err = quantization_error(w, **s)
+        box.state = dict(err, **s, bits_per_weight=bits_per_weight([tuple(w.shape)], **s),
+                         quality=None)
+        label.value = (f"<b>{name}</b> {tuple(w.shape)}, {s['bits']}-bit {gran.value}, "
+                       f"{'absmax' if s['symmetric'] else 'zero point'}: relative rms error "
+                       f"<b>{err['rel_rms']:.2%}</b>, SQNR {err['sqnr_db']:.1f} dB, "
+                       f"{box.state['bits_per_weight']:.2f} bits per weight")
+        if quality_fn is not None:
+            qlabel.value = "whole model: press the button"
+        e = (fake_quantize(w, **s) - w).flatten()
+        fig = Figure(figsize=(6.4, 2.8), layout="constrained")
+        ax = fig.add_subplot()
+        ax.hist(e.numpy(), bins=101, color="tab:purple")
+        ax.set_yscale("log")
+        ax.set_xlabel("rounding error")
+        ax.set_ylabel("weights")
+        with out:
+            out.clear_output(wait=True)
+            from IPython.display import display
+
+            display(fig)
+
+    def measure(_=None):
+        s = setting()
+        r = quality_fn(**s)
+        box.state["quality"] = r
+        qlabel.value = (f"whole model: perplexity {r['ppl']:.4g} ({r['ppl_delta_pct']:+.3g}%), "
+                        f"KL {r['kl']:.2g} nats/token, top-1 agreement {100 * r['top1']:.1f}%")
+
+    for c in (bits, gran, sym):
+        c.observe(redraw, names="value")
+    if quality_fn is not None:
+        button.on_click(measure)
+    redraw()
+    return box

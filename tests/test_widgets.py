@@ -58,3 +58,47 @@ def test_speculative_explorer():
     assert box.state["best_k"] == 12  # free drafts: propose as many as allowed
     box.controls["ratio"].value = 0.5
     assert box.state["best_k"] < 12
+
+
+def test_bits_per_weight():
+    from llmopt_lab.widgets import bits_per_weight
+
+    # int4, zero point, groups of 128: 4 + (32 + 8) / 128 bits per weight
+    assert bits_per_weight([(256, 768)], 4, "group", 128) == 4 + 40 / 128
+    assert bits_per_weight([(256, 768)], 8, "channel", None, symmetric=True) == 8 + 32 / 768
+    assert bits_per_weight([(10, 10), (30, 10)], 4, "tensor", None, True) == 4 + 2 * 32 / 400
+
+
+def test_quantization_explorer_and_model_quality():
+    import torch
+
+    from llmopt_lab import Transformer
+    from llmopt_lab.widgets import fake_quantized_quality, quantization_explorer
+
+    cfg = preset("tiny").replace(num_layers=2)
+    model = Transformer.from_config(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    quality = fake_quantized_quality(model, ids)
+    before = [p.clone() for p in model.parameters()]
+    box = quantization_explorer(model.layers[0].mlp.down_proj.weight, quality_fn=quality)
+    options = box.controls["granularity"].options
+    assert options[-1] == "group 32" and "group 256" not in options  # K = 384
+    assert box.state["bits"] == 4 and box.state["quality"] is None
+    at4 = box.state["rel_rms"]
+    box.controls["bits"].value = 8
+    assert box.state["rel_rms"] < at4 / 10  # 4 more bits: 16x finer steps
+    box.controls["granularity"].value = "per tensor"
+    coarse = box.state["rel_rms"]
+    box.controls["granularity"].value = "group 32"
+    assert box.state["rel_rms"] < coarse
+    box.controls["measure"].click()
+    q8 = box.state["quality"]
+    assert q8["bits_per_weight"] == 8 + 40 / 32 and q8["top1"] > 0.9
+    box.controls["bits"].value = 2
+    assert box.state["quality"] is None  # a new setting: not measured yet
+    box.controls["measure"].click()
+    assert box.state["quality"]["kl"] > 10 * q8["kl"]
+    # the model itself is untouched
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="2-D"):
+        quantization_explorer(torch.zeros(4))
