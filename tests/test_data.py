@@ -194,6 +194,20 @@ def test_tokenizer_round_trips_python_source(tok):
     assert chars / tokens > 2.8  # BPE compresses code (about 3.3 characters per token)
 
 
+@pytest.mark.parametrize("prompt, rest", [
+    ("def f(x):\n", "    return x\n"),
+    ("def f(x):\n    ", "return x\n"),
+    ("class A:\n    def g(self):\n", "        pass\n"),
+    ("x = 1\n\n", "y = 2\n"),
+    ("if x:\n\t", "pass\n"),
+])
+def test_prompts_end_on_a_token_boundary(tok, prompt, rest):
+    """A prompt ending in a newline or in indentation is tokenized as the same
+    text is inside a longer file, so the model sees what it saw in training."""
+    a = tok(prompt).input_ids
+    assert tok(prompt + rest).input_ids[: len(a)] == a
+
+
 def test_token_stream_separates_files(tok):
     files = data.split_files("heldout")[:3]
     stream = data.token_stream(tok, files, 0)
