@@ -559,7 +559,7 @@ def _curve_table(log: dict) -> list[str]:
     return rows
 
 
-def model_card(name: str, log: dict, other: dict | None) -> str:
+def model_card(name: str, log: dict, other: dict | None, weights_bytes: int | None = None) -> str:
     """The README.md of a model folder, from its training log (measured values only)."""
     s, f, c = log["settings"], log["final"], log["corpus"]
     draft = name == DRAFT_NAME
@@ -579,7 +579,8 @@ def model_card(name: str, log: dict, other: dict | None) -> str:
         "## Architecture",
         "",
         f"Llama (`LlamaForCausalLM`), {_fmt_int(log['parameters'])} parameters "
-        "(tied input/output embeddings), float32 weights.",
+        "(tied input/output embeddings), float32 weights"
+        + (f" (`model.safetensors`: {weights_bytes / 1e6:.1f} MB)." if weights_bytes else "."),
         "",
         "| field | value |", "|---|---|", *_arch_lines(log["architecture"]),
         "",
@@ -667,7 +668,9 @@ def write_cards(out: Path) -> None:
             logs[name] = json.loads(path.read_text())
     for name, log in logs.items():
         other = logs.get(DRAFT_NAME if name == TEACHER_NAME else TEACHER_NAME)
-        (out / name / "README.md").write_text(model_card(name, log, other))
+        weights = out / name / "model.safetensors"
+        size = weights.stat().st_size if weights.exists() else None
+        (out / name / "README.md").write_text(model_card(name, log, other, size))
 
 
 # ---------------------------------------------------------------- command
