@@ -58,7 +58,7 @@ __all__ = [
     "MemoryUsage", "peak_memory",
     # device limits
     "DeviceLimits", "GpuSpec", "GPU_TABLE", "DTYPE_KEYS", "lookup_gpu", "device_limits", "table_limits",
-    "measure_bandwidth", "measure_gemm_flops", "dtype_key",
+    "measure_bandwidth", "measure_gemm_flops", "dtype_key", "native_bf16", "fastest_dtype",
     # roofline
     "StepCost", "step_cost", "arithmetic_intensity", "attainable_flops", "roofline_time",
     "achieved_fraction",
@@ -407,6 +407,28 @@ def peak_memory(device: Any = None) -> Iterator[MemoryUsage]:
 #: cores); tf32/fp16/bf16/fp8 are tensor-core matmul rates with FP32
 #: accumulation; int8 is in OP/s.
 DTYPE_KEYS = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8")
+
+
+def native_bf16(device: Any = None) -> bool:
+    """True where the device computes bfloat16 in hardware: a CUDA GPU of
+    compute capability 8.0+, or a CPU with AVX512-BF16 or AMX (elsewhere torch
+    emulates bfloat16 on the CPU, slower than float32)."""
+    dev = _device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch: assume emulation
+        return False
+
+
+def fastest_dtype(device: Any = None) -> torch.dtype:
+    """The 16-bit dtype serving would use where the hardware has it: bfloat16
+    (native), float16 on a GPU without bf16, float32 on a CPU without bf16."""
+    dev = _device(device)
+    if native_bf16(dev):
+        return torch.bfloat16
+    return torch.float16 if dev.type == "cuda" else torch.float32
 
 
 def dtype_key(dtype: Any) -> str:

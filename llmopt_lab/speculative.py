@@ -33,7 +33,15 @@ from .sampling import check_sampling_args, probabilities
 
 @dataclass
 class SpecStats:
-    """What happened: proposals made and kept, forward passes and time (s)."""
+    """What happened: proposals made and kept, forward passes and time (s).
+
+    Two acceptance figures, because they answer different questions:
+    :attr:`acceptance_rate` (kept / proposed, the serving engines' "draft
+    acceptance rate": how much drafting work was useful) and :attr:`alpha`
+    (kept / judged: the per-proposal acceptance probability that the formula
+    (1 - alpha^(k+1)) / (1 - alpha) takes; proposals after the first rejection
+    of a step are never judged, so kept / proposed underestimates it).
+    """
 
     proposed: int = 0
     accepted: int = 0
@@ -41,8 +49,10 @@ class SpecStats:
     draft_forwards: int = 0
     new_tokens: int = 0
     draft_time_s: float = 0.0
-    target_time_s: float = 0.0
+    target_time_s: float = 0.0  # verification passes
+    prefill_time_s: float = 0.0  # the target's pass over the prompt
     accepted_per_step: list[int] = field(default_factory=list)
+    proposed_per_step: list[int] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -50,16 +60,56 @@ class SpecStats:
         return self.accepted / self.proposed if self.proposed else float("nan")
 
     @property
+    def rejected(self) -> int:
+        """Verification steps that ended in a rejection (at most one per step)."""
+        return sum(a < p for a, p in zip(self.accepted_per_step, self.proposed_per_step))
+
+    @property
+    def alpha(self) -> float:
+        """Per-proposal acceptance probability, kept / (kept + rejected): the
+        maximum-likelihood estimate when each judged proposal is kept
+        independently with the same probability."""
+        judged = self.accepted + self.rejected
+        return self.accepted / judged if judged else float("nan")
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean new tokens per verification step (kept proposals + 1): the
+        quantity the formula predicts; the prompt's forward pass not counted."""
+        steps = self.accepted_per_step
+        return (sum(steps) + len(steps)) / len(steps) if steps else float("nan")
+
+    @property
+    def steps(self) -> int:
+        """Verification steps (target passes after the prompt's)."""
+        return len(self.accepted_per_step)
+
+    @property
     def tokens_per_target_forward(self) -> float:
-        """New tokens per forward pass of the target (1.0 for plain decoding)."""
+        """New tokens per forward pass of the target, the prompt's included
+        (1.0 for plain decoding)."""
         return self.new_tokens / self.target_forwards if self.target_forwards else float("nan")
+
+    @classmethod
+    def combine(cls, many) -> "SpecStats":
+        """The sum of several runs' statistics (e.g. one per prompt)."""
+        out = cls()
+        for s in many:
+            for name in ("proposed", "accepted", "target_forwards", "draft_forwards", "new_tokens",
+                         "draft_time_s", "target_time_s", "prefill_time_s"):
+                setattr(out, name, getattr(out, name) + getattr(s, name))
+            out.accepted_per_step += s.accepted_per_step
+            out.proposed_per_step += s.proposed_per_step
+        return out
 
     def as_dict(self) -> dict:
         return dict(proposed=self.proposed, accepted=self.accepted,
-                    acceptance_rate=self.acceptance_rate, target_forwards=self.target_forwards,
-                    draft_forwards=self.draft_forwards, new_tokens=self.new_tokens,
+                    acceptance_rate=self.acceptance_rate, alpha=self.alpha,
+                    target_forwards=self.target_forwards, draft_forwards=self.draft_forwards,
+                    new_tokens=self.new_tokens, tokens_per_step=self.tokens_per_step,
                     tokens_per_target_forward=self.tokens_per_target_forward,
-                    draft_time_s=self.draft_time_s, target_time_s=self.target_time_s)
+                    draft_time_s=self.draft_time_s, target_time_s=self.target_time_s,
+                    prefill_time_s=self.prefill_time_s)
 
 
 @dataclass
@@ -111,13 +161,15 @@ def prompt_lookup(seq: list[int], k: int, max_ngram: int = 3) -> list[int]:
     return []
 
 
-def _forward(model, tokens: list[int], start: int, cache) -> torch.Tensor:
-    """Feed tokens at positions start.. into cache; logits (T, V) float32."""
+def _forward(model, tokens: list[int], start: int, cache, last_only: bool = False) -> torch.Tensor:
+    """Feed tokens at positions start.. into cache; logits (T, V) float32, or
+    (1, V) for the last token only (``last_only``: the rest are not needed)."""
     dev = model.device
     ids = torch.tensor([tokens], device=dev)
     pos = torch.arange(start, start + len(tokens), device=dev)[None]
     with torch.inference_mode():
-        return model(ids, pos, cache=cache)[0].float()
+        hidden = model.hidden_states(ids, pos, cache=cache)[0]  # (T, H)
+        return model.lm_head(hidden[-1:] if last_only else hidden).float()
 
 
 def acceptance_probability(p: torch.Tensor, q: torch.Tensor, x: int) -> float:
@@ -228,7 +280,7 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
     if draft is not None:
         d_cache = StaticCache(draft.config, 1, size, device=dev, dtype=draft.dtype)
     # the target's cache holds seq[:-1]; its first token comes from the prompt's logits
-    logits = timed(lambda: _forward(target, seq, 0, t_cache), "target_time_s")
+    logits = timed(lambda: _forward(target, seq, 0, t_cache, last_only=True), "prefill_time_s")
     stats.target_forwards += 1
     new = [pick(logits[-1])]
     seq.append(new[0])
@@ -247,7 +299,7 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
                 nonlocal d_len
                 chunk = seq[d_len:]
                 for _ in range(k):
-                    dl = _forward(draft, chunk, d_len, d_cache)[-1, :shared]
+                    dl = _forward(draft, chunk, d_len, d_cache, last_only=True)[0, :shared]
                     d_len += len(chunk)
                     if greedy:
                         x = int(dl.argmax())
@@ -266,12 +318,13 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
                        "target_time_s")  # (len(proposal) + 1, V)
         stats.target_forwards += 1
         accepted, extra = 0, None
+        choices = logits.argmax(-1).tolist() if greedy else None  # one host sync for all
         for i, x in enumerate(proposal):
             if greedy:
-                if int(logits[i].argmax()) == x:
+                if choices[i] == x:
                     accepted += 1
                     continue
-                extra = int(logits[i].argmax())
+                extra = choices[i]
                 break
             p = dist(logits[i])
             q = q_dists[i] if draft is not None else torch.nn.functional.one_hot(
@@ -283,10 +336,11 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
             extra = replacement
             break
         if extra is None:  # everything kept: a bonus token from the target
-            extra = pick(logits[len(proposal)])
+            extra = choices[len(proposal)] if greedy else pick(logits[len(proposal)])
         stats.proposed += len(proposal)
         stats.accepted += accepted
         stats.accepted_per_step.append(accepted)
+        stats.proposed_per_step.append(len(proposal))
         step_tokens = proposal[:accepted] + [extra]
         # ---- roll both caches back to what is now certain: the sequence but its last token
         t_len, d_len = cache_lengths_after_step(n, accepted, d_len)

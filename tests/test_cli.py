@@ -41,6 +41,10 @@ def test_tour_quick_writes_results_and_plot(tmp_path, capsys):
     spec = json.loads(next(tmp_path.glob("*/08_speculative.json")).read_text())
     draft_rows = [r for r in spec["rows"] if r["method"] == "draft"]
     assert draft_rows and all(r["acceptance_rate"] == 1.0 for r in draft_rows)  # draft = target here
+    assert all(r["alpha"] == 1.0 and r["tokens_per_step"] == r["k"] + 1 for r in draft_rows)
+    # float32: lossless means the same tokens as plain greedy decoding
+    assert all(r["identical_to_plain"] == 1.0 for r in draft_rows if r["mode"] == "greedy")
+    assert all(r["verify_cost"] > 0 and r["draft_cost"] > 0 for r in draft_rows)
 
 
 @pytest.mark.parametrize("argv, msg", [

@@ -3,7 +3,20 @@
 Wall-clock tokens/s, acceptance rate and tokens per target forward for plain
 decoding (static cache), draft speculation for k = 1..8 and prompt lookup,
 greedy and sampled, on llmopt-tiny with llmopt-tiny-draft (held-out code as
-prompts). Both sides use the same decode path (the static cache).
+prompts). Both sides use the same decode path (the static cache) and the
+same dtype: bfloat16 where the hardware computes it natively, else float32.
+Methods run interleaved, prompt by prompt, so that drift in the machine's
+speed hits all of them alike.
+
+Besides the speed-up, each row explains it: ``alpha`` (per-proposal
+acceptance), ``tokens_per_step``, and the measured costs inside the loop, in
+plain decode steps: ``verify_cost`` (one target pass over k+1 tokens) and
+``draft_cost`` (one draft forward) and ``other_cost`` (the rest of a step:
+acceptance, rollback, lookup, Python). ``predicted_speedup`` is the formula with
+a free verification and the draft's stand-alone cost;
+``predicted_measured_costs`` the same formula with the costs measured in the
+loop. Greedy rows record ``identical_to_plain``, the fraction of prompts whose
+tokens equal plain decoding's.
 """
 
 from __future__ import annotations
@@ -14,15 +27,16 @@ import torch
 
 from .. import bench
 from ..generate import generate
-from ..speculative import expected_speedup, speculative_generate
+from ..speculative import SpecStats, expected_speedup, speculative_generate
 from ..weights import ZOO, load_model
 
 SIZES = {
     "quick": dict(target="synthetic:tiny", draft="synthetic:tiny", dtype="float32", prompts=2,
                   prompt_len=32, new_tokens=16, ks=[1, 2], sampled=True),
-    "cpu": dict(target="llmopt-tiny", draft="llmopt-tiny-draft", dtype="float32", prompts=8,
+    # "fastest": bfloat16 where the hardware has it (as served), else float32
+    "cpu": dict(target="llmopt-tiny", draft="llmopt-tiny-draft", dtype="fastest", prompts=8,
                 prompt_len=128, new_tokens=96, ks=[1, 2, 3, 4, 5, 6, 8], sampled=True),
-    "gpu": dict(target="llmopt-tiny", draft="llmopt-tiny-draft", dtype="float32", prompts=8,
+    "gpu": dict(target="llmopt-tiny", draft="llmopt-tiny-draft", dtype="fastest", prompts=8,
                 prompt_len=128, new_tokens=128, ks=[1, 2, 3, 4, 5, 6, 8], sampled=True),
 }
 
@@ -52,8 +66,9 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
     names = (p["target"], p["draft"])
     if any(n in ZOO and not (ZOO[n] / "config.json").exists() for n in names):
         names = ("synthetic:tiny", "synthetic:tiny")
-    target, tok = load_model(names[0], device=dev, dtype=p["dtype"])
-    draft, _ = load_model(names[1], device=dev, dtype=p["dtype"])
+    dtype = bench.fastest_dtype(dev) if p["dtype"] == "fastest" else p["dtype"]
+    target, tok = load_model(names[0], device=dev, dtype=dtype)
+    draft, _ = load_model(names[1], device=dev, dtype=dtype)
     if tok is not None:
         prompts = heldout_prompts(tok, p["prompts"], p["prompt_len"])
     else:
@@ -63,50 +78,77 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
     n = p["new_tokens"]
     modes = [("greedy", 0.0)] + ([("sampled", 1.0)] if p["sampled"] else [])
     configs = [("plain", None)] + [("draft", k) for k in p["ks"]] + [("lookup", k) for k in (2, 4)]
-    bar = tqdm(total=len(modes) * len(configs), desc="lesson 08", disable=not progress, leave=False)
+    bar = tqdm(total=len(modes) * len(configs) * len(prompts), desc="lesson 08",
+               disable=not progress, leave=False)
     # warm up both models once
     generate(target, [prompts[0]], 4, ignore_eos=True)
     speculative_generate(target, draft, [prompts[0]], 4, k=2, ignore_eos=True)
     # the draft's cost per token relative to the target's, with the same decode path
-    t_target = _timed(lambda: generate(target, [prompts[0]], n, ignore_eos=True))[1]
-    t_draft = _timed(lambda: generate(draft, [prompts[0]], n, ignore_eos=True))[1]
+    t_target = bench.time_fn(lambda: generate(target, [prompts[0]], n, ignore_eos=True),
+                             warmup=0, repeat=3, device=dev).median
+    t_draft = bench.time_fn(lambda: generate(draft, [prompts[0]], n, ignore_eos=True),
+                            warmup=0, repeat=3, device=dev).median
     cost_ratio = t_draft / t_target
     rows = []
     for mode, temp in modes:
-        base_tps = None
-        for kind, k in configs:
-            bar.set_postfix_str(f"{mode} {kind} k={k}")
-            total_t, total_tokens, stats = 0.0, 0, []
-            for i, prompt in enumerate(prompts):
+        time_s = {c: 0.0 for c in configs}
+        made = {c: 0 for c in configs}
+        stats = {c: [] for c in configs}
+        same = {c: 0 for c in configs}  # prompts whose tokens equal plain decoding's
+        plain_tokens = {}
+        # interleaved: every method runs on a prompt before the next prompt, so
+        # a drift in the machine's speed hits all of them alike
+        for i, prompt in enumerate(prompts):
+            for cfg in configs:
+                kind, k = cfg
+                bar.set_postfix_str(f"{mode} {kind} k={k} prompt {i + 1}/{len(prompts)}")
                 if kind == "plain":
-                    out, dt = _timed(lambda: generate(target, [prompt], n, temperature=temp, seed=i,
-                                                      ignore_eos=True))
-                    total_tokens += n
+                    out, dt = _timed(lambda: generate(target, [prompt], n, temperature=temp,
+                                                      seed=i, ignore_eos=True))
+                    made[cfg] += n
+                    plain_tokens[i] = out.tolist()[0]
                 else:
                     out, dt = _timed(lambda: speculative_generate(
                         target, draft if kind == "draft" else None, [prompt], n, k=k,
                         temperature=temp, seed=i, ignore_eos=True))
-                    total_tokens += len(out.tokens)
-                    stats.append(out.stats)
-                total_t += dt
-            tps = total_tokens / total_t
-            if kind == "plain":
-                base_tps = tps
-            row = dict(mode=mode, method=kind, k=k, tokens_per_s=tps, speedup=tps / base_tps)
-            if stats:
-                proposed = sum(s.proposed for s in stats)
-                accepted = sum(s.accepted for s in stats)
-                row.update(acceptance_rate=accepted / proposed if proposed else 0.0,
-                           tokens_per_target_forward=sum(s.new_tokens for s in stats)
-                           / sum(s.target_forwards for s in stats),
-                           draft_time_s=sum(s.draft_time_s for s in stats),
-                           target_time_s=sum(s.target_time_s for s in stats))
+                    made[cfg] += len(out.tokens)
+                    stats[cfg].append(out.stats)
+                    same[cfg] += out.tokens == plain_tokens[i]
+                time_s[cfg] += dt
+        plain_s_per_token = time_s[("plain", None)] / made[("plain", None)]
+        for cfg in configs:
+            kind, k = cfg
+            tps = made[cfg] / time_s[cfg]
+            row = dict(mode=mode, method=kind, k=k, tokens_per_s=tps,
+                       speedup=tps * plain_s_per_token)
+            if stats[cfg]:
+                st = SpecStats.combine(stats[cfg])
+                if mode == "greedy":  # lossless: the same tokens (near-ties aside in 16 bits)
+                    row["identical_to_plain"] = same[cfg] / len(prompts)
+                row.update(acceptance_rate=st.acceptance_rate, alpha=st.alpha,
+                           tokens_per_step=st.tokens_per_step,
+                           tokens_per_target_forward=st.tokens_per_target_forward,
+                           draft_time_s=st.draft_time_s, target_time_s=st.target_time_s,
+                           prefill_time_s=st.prefill_time_s,
+                           # one verification pass over k+1 tokens, in plain decode steps
+                           verify_cost=st.target_time_s / st.steps / plain_s_per_token)
+                # per step, the rest: proposing by lookup, acceptance, rollback, Python
+                rest = time_s[cfg] - st.prefill_time_s - st.target_time_s - st.draft_time_s
+                row["other_cost"] = rest / st.steps / plain_s_per_token
+                draft_cost = 0.0
                 if kind == "draft":
-                    row["predicted_speedup"] = expected_speedup(row["acceptance_rate"], k, cost_ratio)
+                    # one draft forward inside the loop, in plain decode steps
+                    draft_cost = st.draft_time_s / st.draft_forwards / plain_s_per_token
+                    row["draft_cost"] = draft_cost
+                    row["predicted_speedup"] = expected_speedup(st.alpha, k, cost_ratio)
+                # the formula with the costs measured in the loop (the prompt's pass aside)
+                row["predicted_measured_costs"] = st.tokens_per_step / (
+                    row["verify_cost"] + k * draft_cost + row["other_cost"])
             rows.append(row)
-            bar.update()
+            bar.update(len(prompts))
     bar.close()
     return dict(benchmark="speculative", lesson="08", size=size, target=names[0], draft=names[1],
+                dtype=bench.dtype_key(target.dtype),
                 new_tokens=n, prompts=len(prompts), prompt_len=p["prompt_len"],
                 draft_cost_ratio=cost_ratio, rows=rows)
 
@@ -114,8 +156,12 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
 def summary_rows(result: dict) -> list[dict]:
     return [{"mode": r["mode"], "method": r["method"], "k": r["k"] or "-",
              "tokens/s": r["tokens_per_s"], "speed-up": r["speedup"],
-             "accept": r.get("acceptance_rate"), "tok/fwd": r.get("tokens_per_target_forward"),
-             "predicted": r.get("predicted_speedup")} for r in result["rows"]]
+             "same": r.get("identical_to_plain"),
+             "accept": r.get("acceptance_rate"), "alpha": r.get("alpha"),
+             "tok/step": r.get("tokens_per_step"), "verify cost": r.get("verify_cost"),
+             "draft cost": r.get("draft_cost"), "other cost": r.get("other_cost"),
+             "predicted": r.get("predicted_speedup"),
+             "predicted (loop costs)": r.get("predicted_measured_costs")} for r in result["rows"]]
 
 
 def plot(result: dict, provenance: dict):
@@ -125,7 +171,11 @@ def plot(result: dict, provenance: dict):
     rows = [r for r in result["rows"] if r["mode"] == "greedy" and r["method"] == "draft"]
     ks = [r["k"] for r in rows]
     return plots.sweep(ks, {"measured": [r["speedup"] for r in rows],
-                            "predicted": [r["predicted_speedup"] for r in rows]},
+                            "formula (free verify, stand-alone draft cost)":
+                                [r["predicted_speedup"] for r in rows],
+                            "formula with the costs measured in the loop":
+                                [r.get("predicted_measured_costs", float("nan")) for r in rows]},
                        "k (proposals per step)", "speed-up over plain decoding",
                        provenance=provenance,
-                       title=f"{result['target']} with {result['draft']} (greedy)")
+                       title=f"{result['target']} with {result['draft']} "
+                             f"(greedy, {result.get('dtype', 'fp32')})")

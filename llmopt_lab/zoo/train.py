@@ -229,8 +229,9 @@ def auto_precision() -> str:
     """bf16 autocast where the CPU computes bfloat16 natively (AVX512-BF16 or
     AMX: about 1.6x faster training here), float32 elsewhere (emulated
     bfloat16 would be slower)."""
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16" if native else "fp32"
+    from ..bench import native_bf16
+
+    return "bf16" if native_bf16("cpu") else "fp32"
 
 
 def _optimizer(model: Transformer, s: TrainSettings) -> torch.optim.Optimizer:
