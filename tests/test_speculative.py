@@ -203,3 +203,13 @@ def test_verify_step_pieces():
     assert torch.allclose(residual_distribution(p, p), p)
     assert cache_lengths_after_step(10, 2, 13) == (12, 12)
     assert cache_lengths_after_step(10, 4, 13) == (14, 13)  # all 4 kept: the draft lacks the last one
+
+
+def test_tie_gap_measures_the_first_divergence_in_rounding_units():
+    from llmopt_lab.benchmarks.speculative import _tie_gap
+
+    logits = torch.tensor([[0.0, 8.0, 1.0], [8.0, 8.0 - 0.0625, 0.0], [0.0, 0.0, 9.0]])
+    eps = torch.finfo(torch.bfloat16).eps  # 2^-7: one ulp at 8.0 is 0.0625
+    assert _tie_gap(logits, [1, 0, 2], [1, 1, 2], torch.bfloat16) == pytest.approx(0.0625 / (eps * 8))
+    assert _tie_gap(logits, [1, 0, 2], [1, 1, 2], torch.bfloat16) == pytest.approx(1.0)
+    assert _tie_gap(logits, [1, 0, 2], [2, 0, 2], torch.float32) > 1e6  # a real disagreement

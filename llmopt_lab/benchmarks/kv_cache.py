@@ -6,6 +6,13 @@
 * Flatness: the static cache's time per token over a long generation (the last
   10% of the tokens against the first 10%).
 * On a GPU, the profiler's view of one cached step (launch-bound at 1B).
+* The int8 cache's cost: its bytes against a bfloat16 cache of the same size,
+  and its quality against the exact cache on llmopt-tiny's held-out windows
+  (perplexity delta, KL divergence, top-1 agreement; device-independent).
+
+A position the model's context cannot reach (2048 on llmopt-tiny, whose
+context is 2048 tokens, leaves no room for the timed steps) is measured at
+the last position that fits, and recorded as such.
 """
 
 from __future__ import annotations
@@ -21,11 +28,11 @@ KINDS = ("none", "dynamic", "static", "int8")
 
 SIZES = {
     "quick": dict(model="synthetic:tiny", dtype="float32", positions=[16, 64], steps=3,
-                  flat_tokens=64, profile=False),
+                  flat_tokens=64, profile=False, quality_windows=2),
     "cpu": dict(model="llmopt-tiny", dtype="float32", positions=[128, 512, 2048], steps=5,
-                flat_tokens=2048, profile=True),
+                flat_tokens=2048, profile=True, quality_windows=None),
     "gpu": dict(model="synthetic:llama-1b", dtype="bfloat16", positions=[128, 512, 2048],
-                steps=20, flat_tokens=2048, profile=True),
+                steps=20, flat_tokens=2048, profile=True, quality_windows=None),
 }
 
 
@@ -52,7 +59,7 @@ def step_latency(model, kind: str, position: int, steps: int = 5, max_len: int |
 
         t = bench.time_fn(step, warmup=1, repeat=steps, device=dev)
         return dict(kind=kind, position=position, time_s=t.median, cache_bytes=0)
-    max_len = max_len or position + steps + 4
+    max_len = max_len or min(position + steps + 4, model.config.max_position_embeddings)
     cache = make_cache(kind, model.config, 1, max_len, device=dev, dtype=model.dtype)
     prefill(model, _ids(model, position), torch.tensor([position], device=dev), cache)
     tok = torch.zeros(1, dtype=torch.long, device=dev)
@@ -103,28 +110,35 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
         name = "synthetic:tiny"
     torch.manual_seed(0)
     model, _ = load_model(name, device=dev, dtype=p["dtype"])
-    top = max(p["positions"]) + p["steps"] + 4
+    context = model.config.max_position_embeddings
+    # the timed steps write positions position .. position + steps; all must fit
+    positions = sorted({min(pos, context - p["steps"] - 1) for pos in p["positions"]})
+    top = min(max(positions) + p["steps"] + 4, context)
     rows = []
-    bar = tqdm(total=len(p["positions"]) * len(KINDS) + 2, desc="lesson 02", disable=not progress,
+    bar = tqdm(total=len(positions) * len(KINDS) + 3, desc="lesson 02", disable=not progress,
                leave=False)
-    for position in p["positions"]:
+    for position in positions:
         for kind in KINDS:
             bar.set_postfix_str(f"{kind} @ {position}")
             rows.append(step_latency(model, kind, position, p["steps"],
                                      max_len=top if kind in ("static", "int8") else None))
             bar.update()
     bar.set_postfix_str("static cache over a long generation")
-    times = per_token_times(model, "static", p["flat_tokens"])
+    flat_tokens = min(p["flat_tokens"], context - 2)
+    times = per_token_times(model, "static", flat_tokens)
     bar.update()
     out = dict(benchmark="kv_cache", lesson="02", size=size, model=name,
                dtype=str(model.dtype).replace("torch.", ""), parameters=model.config.num_parameters(),
-               rows=rows, flat_tokens=p["flat_tokens"], static_flatness=flatness(times),
-               static_times_s=times)
-    last = max(p["positions"])
+               positions_asked=p["positions"], rows=rows, flat_tokens=flat_tokens,
+               static_flatness=flatness(times), static_times_s=times)
+    bar.set_postfix_str("int8 cache: bytes and quality")
+    out["int8"] = int8_cost(model.config, top, p["quality_windows"], dev)
+    bar.update()
+    last = max(positions)
     t = {r["kind"]: r["time_s"] for r in rows if r["position"] == last}
     out["speedup_static_vs_none_at_last"] = t["none"] / t["static"]
     if p["profile"]:
-        cache = make_cache("static", model.config, 1, last + 8, device=dev, dtype=model.dtype)
+        cache = make_cache("static", model.config, 1, top, device=dev, dtype=model.dtype)
         prefill(model, _ids(model, last), torch.tensor([last], device=dev), cache)
         tok, pos = torch.zeros(1, dtype=torch.long, device=dev), torch.tensor([last], device=dev)
         prof = bench.profile_step(lambda: decode_one_token(model, tok, pos, cache), steps=5,
@@ -135,6 +149,27 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
             bench.step_cost(model.config, 1, last + 1, 0, model.dtype).flops / cost.flops)
     bar.update()
     bar.close()
+    return out
+
+
+def int8_cost(config, tokens: int, windows: int | None, device) -> dict:
+    """The int8 cache against the exact one: bytes of each for ``tokens``
+    tokens of ``config`` (int8 against bfloat16), and the quality on
+    llmopt-tiny's held-out windows (the first ``windows``, or all of the quick
+    set) when the zoo model is present."""
+    bf16 = make_cache("static", config, 1, tokens, device="cpu", dtype=torch.bfloat16).nbytes
+    int8 = make_cache("int8", config, 1, tokens, device="cpu", dtype=torch.bfloat16).nbytes
+    out = dict(tokens=tokens, bytes_bf16=bf16, bytes_int8=int8, bytes_ratio_vs_bf16=int8 / bf16)
+    if not (ZOO["llmopt-tiny"] / "config.json").exists():
+        out["quality"] = None
+        return out
+    from ..data import heldout_set
+
+    tiny, tok = load_model("llmopt-tiny", device=device, dtype="float32")
+    held = heldout_set(tok, quick=True)
+    n = len(held) if windows is None else min(windows, len(held))
+    out["quality"] = dict(model="llmopt-tiny", windows=n,
+                          **cache_quality(tiny, held.ids[:n], held.lengths[:n], kind="int8"))
     return out
 
 
@@ -151,6 +186,27 @@ def summary_rows(result: dict) -> list[dict]:
                          "x vs none": kinds["none"]["time_s"] / r["time_s"],
                          "cache MB": r["cache_bytes"] / 1e6})
     return rows
+
+
+def summary_text(result: dict) -> str:
+    """The targets' figures in words: the static cache's speed-up over no cache
+    at the last position, flatness, and the int8 cache's bytes and quality."""
+    last = max(r["position"] for r in result["rows"])
+    lines = [f"static cache vs no cache at position {last}: "
+             f"{result['speedup_static_vs_none_at_last']:.1f}x faster per token",
+             f"static cache over {result['flat_tokens']} tokens: the last 10% cost "
+             f"{result['static_flatness']:.2f}x the first 10%"]
+    if "profile" in result:
+        lines.append(f"one cached step: {result['profile']['summary']}")
+    i8 = result.get("int8")
+    if i8:
+        lines.append(f"int8 cache: {100 * i8['bytes_ratio_vs_bf16']:.0f}% of a bfloat16 cache's bytes")
+        q = i8.get("quality")
+        if q:
+            lines.append(f"int8 cache on {q['model']} ({q['tokens']} held-out tokens): perplexity "
+                         f"{q['ppl']:.3f} vs {q['ppl_exact']:.3f} exact ({q['ppl_delta_pct']:+.2f}%), "
+                         f"KL {q['kl']:.2e}, top-1 agreement {100 * q['top1']:.2f}%")
+    return "\n".join(lines)
 
 
 def plot(result: dict, provenance: dict):

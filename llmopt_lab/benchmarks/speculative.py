@@ -16,7 +16,10 @@ acceptance, rollback, lookup, Python). ``predicted_speedup`` is the formula with
 a free verification and the draft's stand-alone cost;
 ``predicted_measured_costs`` the same formula with the costs measured in the
 loop. Greedy rows record ``identical_to_plain``, the fraction of prompts whose
-tokens equal plain decoding's.
+tokens equal plain decoding's, and ``divergence_gap_ulps``: where they differ
+(16-bit runs), the largest gap at the first differing step between plain's
+choice and speculation's, in rounding units (a tie that a pass over k+1
+tokens may round the other way).
 """
 
 from __future__ import annotations
@@ -57,6 +60,17 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
+def _tie_gap(logits: torch.Tensor, want: list[int], got: list[int], dtype: torch.dtype) -> float:
+    """At the first step where ``got`` leaves plain greedy decoding's ``want``:
+    how far below plain's choice the chosen token's logit was, in units of the
+    model dtype's spacing (ulps) at that size. 0 or 1 means a tie that
+    rounding in a different batch shape can flip. logits: (steps, V)."""
+    s = next(j for j, (a, b) in enumerate(zip(want, got)) if a != b)
+    top, chosen = float(logits[s, want[s]]), float(logits[s, got[s]])
+    ulp = torch.finfo(dtype).eps * max(abs(top), 1e-30)
+    return (top - chosen) / ulp
+
+
 def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
@@ -95,7 +109,8 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
         made = {c: 0 for c in configs}
         stats = {c: [] for c in configs}
         same = {c: 0 for c in configs}  # prompts whose tokens equal plain decoding's
-        plain_tokens = {}
+        gaps = {c: [] for c in configs}  # where they differ: how close the tie was
+        plain_tokens, plain_logits = {}, {}
         # interleaved: every method runs on a prompt before the next prompt, so
         # a drift in the machine's speed hits all of them alike
         for i, prompt in enumerate(prompts):
@@ -104,9 +119,11 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
                 bar.set_postfix_str(f"{mode} {kind} k={k} prompt {i + 1}/{len(prompts)}")
                 if kind == "plain":
                     out, dt = _timed(lambda: generate(target, [prompt], n, temperature=temp,
-                                                      seed=i, ignore_eos=True))
+                                                      seed=i, ignore_eos=True,
+                                                      return_logits=mode == "greedy"))
                     made[cfg] += n
                     plain_tokens[i] = out.tolist()[0]
+                    plain_logits[i] = out.logits
                 else:
                     out, dt = _timed(lambda: speculative_generate(
                         target, draft if kind == "draft" else None, [prompt], n, k=k,
@@ -114,6 +131,9 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
                     made[cfg] += len(out.tokens)
                     stats[cfg].append(out.stats)
                     same[cfg] += out.tokens == plain_tokens[i]
+                    if mode == "greedy" and out.tokens != plain_tokens[i]:
+                        gaps[cfg].append(_tie_gap(plain_logits[i][0], plain_tokens[i], out.tokens,
+                                                  target.dtype))
                 time_s[cfg] += dt
         plain_s_per_token = time_s[("plain", None)] / made[("plain", None)]
         for cfg in configs:
@@ -125,6 +145,8 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
                 st = SpecStats.combine(stats[cfg])
                 if mode == "greedy":  # lossless: the same tokens (near-ties aside in 16 bits)
                     row["identical_to_plain"] = same[cfg] / len(prompts)
+                    # lossless up to rounding: each divergence starts at a near-tie
+                    row["divergence_gap_ulps"] = max(gaps[cfg]) if gaps[cfg] else None
                 row.update(acceptance_rate=st.acceptance_rate, alpha=st.alpha,
                            tokens_per_step=st.tokens_per_step,
                            tokens_per_target_forward=st.tokens_per_target_forward,
@@ -156,7 +178,7 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
 def summary_rows(result: dict) -> list[dict]:
     return [{"mode": r["mode"], "method": r["method"], "k": r["k"] or "-",
              "tokens/s": r["tokens_per_s"], "speed-up": r["speedup"],
-             "same": r.get("identical_to_plain"),
+             "same": r.get("identical_to_plain"), "tie gap (ulp)": r.get("divergence_gap_ulps"),
              "accept": r.get("acceptance_rate"), "alpha": r.get("alpha"),
              "tok/step": r.get("tokens_per_step"), "verify cost": r.get("verify_cost"),
              "draft cost": r.get("draft_cost"), "other cost": r.get("other_cost"),

@@ -63,6 +63,8 @@ def run_benchmarks(benchmarks, device, size: str, out: Path | None, plot: bool =
         for m in result.get("models", []):
             if "profile" in m:
                 print(f"\n{m['model']}: {m['profile']['summary']}")
+        if hasattr(module, "summary_text"):  # the figures a table does not hold
+            print("\n" + module.summary_text(result))
         print(f"\nresults: {path}")
         if plot and hasattr(module, "plot"):
             import matplotlib
