@@ -57,7 +57,7 @@ def step_latency(model, kind: str, position: int, steps: int = 5, max_len: int |
                 h = model.hidden_states(ids)
                 model.lm_head(h[:, -1])
 
-        t = bench.time_fn(step, warmup=1, repeat=steps, device=dev)
+        t = bench.time_fn(step, warmup=3, repeat=steps, device=dev)
         return dict(kind=kind, position=position, time_s=t.median, cache_bytes=0)
     max_len = max_len or min(position + steps + 4, model.config.max_position_embeddings)
     cache = make_cache(kind, model.config, 1, max_len, device=dev, dtype=model.dtype)
@@ -69,7 +69,7 @@ def step_latency(model, kind: str, position: int, steps: int = 5, max_len: int |
         decode_one_token(model, tok, state["pos"], cache)
         state["pos"] = state["pos"] + 1
 
-    t = bench.time_fn(step, warmup=1, repeat=steps, device=dev)
+    t = bench.time_fn(step, warmup=3, repeat=steps, device=dev)
     return dict(kind=kind, position=position, time_s=t.median, cache_bytes=cache.nbytes)
 
 
