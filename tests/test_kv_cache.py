@@ -118,3 +118,19 @@ def test_cache_quality_of_an_exact_cache_is_perfect(model):
     assert same["kl"] < 1e-9 and same["top1"] == 1.0
     lossy = cache_quality(model, ids, lengths, kind="int8")
     assert 0 < lossy["kl"] < 1e-2 and abs(lossy["ppl_delta_pct"]) < 5
+
+
+def test_benchmark_clamps_positions_to_the_context(monkeypatch):
+    # a position at the very end of the context leaves no room for the timed
+    # steps: it is measured at the last position that fits, and says so
+    from llmopt_lab.benchmarks import kv_cache as kvb
+
+    monkeypatch.setitem(kvb.SIZES, "edge", dict(kvb.SIZES["quick"], positions=[16, 1024], steps=2,
+                                                 flat_tokens=4096, quality_windows=1))
+    out = kvb.run("edge", "cpu", progress=False)
+    assert out["positions_asked"] == [16, 1024]
+    last = 1024 - kvb.WARMUP - 2 - 1
+    assert sorted({r["position"] for r in out["rows"]}) == [16, last]
+    assert out["flat_tokens"] == 1022
+    assert 0.4 < out["int8"]["bytes_ratio_vs_bf16"] < 0.6
+    assert "at position %d" % last in kvb.summary_text(out)

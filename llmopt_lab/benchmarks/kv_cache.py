@@ -25,6 +25,7 @@ from ..kv_cache import make_cache
 from ..weights import ZOO, load_model
 
 KINDS = ("none", "dynamic", "static", "int8")
+WARMUP = 3  # untimed steps before each measurement
 
 SIZES = {
     "quick": dict(model="synthetic:tiny", dtype="float32", positions=[16, 64], steps=3,
@@ -57,9 +58,9 @@ def step_latency(model, kind: str, position: int, steps: int = 5, max_len: int |
                 h = model.hidden_states(ids)
                 model.lm_head(h[:, -1])
 
-        t = bench.time_fn(step, warmup=3, repeat=steps, device=dev)
+        t = bench.time_fn(step, warmup=WARMUP, repeat=steps, device=dev)
         return dict(kind=kind, position=position, time_s=t.median, cache_bytes=0)
-    max_len = max_len or min(position + steps + 4, model.config.max_position_embeddings)
+    max_len = max_len or min(position + WARMUP + steps + 1, model.config.max_position_embeddings)
     cache = make_cache(kind, model.config, 1, max_len, device=dev, dtype=model.dtype)
     prefill(model, _ids(model, position), torch.tensor([position], device=dev), cache)
     tok = torch.zeros(1, dtype=torch.long, device=dev)
@@ -69,7 +70,7 @@ def step_latency(model, kind: str, position: int, steps: int = 5, max_len: int |
         decode_one_token(model, tok, state["pos"], cache)
         state["pos"] = state["pos"] + 1
 
-    t = bench.time_fn(step, warmup=3, repeat=steps, device=dev)
+    t = bench.time_fn(step, warmup=WARMUP, repeat=steps, device=dev)
     return dict(kind=kind, position=position, time_s=t.median, cache_bytes=cache.nbytes)
 
 
@@ -111,9 +112,9 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
     torch.manual_seed(0)
     model, _ = load_model(name, device=dev, dtype=p["dtype"])
     context = model.config.max_position_embeddings
-    # the timed steps write positions position .. position + steps; all must fit
-    positions = sorted({min(pos, context - p["steps"] - 1) for pos in p["positions"]})
-    top = min(max(positions) + p["steps"] + 4, context)
+    # warm-up and timed steps write positions position .. position + WARMUP + steps
+    positions = sorted({min(pos, context - WARMUP - p["steps"] - 1) for pos in p["positions"]})
+    top = min(max(positions) + WARMUP + p["steps"] + 1, context)
     rows = []
     bar = tqdm(total=len(positions) * len(KINDS) + 3, desc="lesson 02", disable=not progress,
                leave=False)
