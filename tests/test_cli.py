@@ -47,6 +47,21 @@ def test_tour_quick_writes_results_and_plot(tmp_path, capsys):
     assert all(r["verify_cost"] > 0 and r["draft_cost"] > 0 for r in draft_rows)
 
 
+def test_bench_show_redraws_a_stored_result(tmp_path, capsys):
+    # what a GPU machine sends back with --no-plot is summarized and plotted here
+    assert main(["bench", "08", "--size", "quick", "--out", str(tmp_path), "--no-plot",
+                 "--quiet"]) == 0
+    stored = next(tmp_path.glob("*/08_speculative.json"))
+    assert not stored.with_suffix(".png").exists()
+    capsys.readouterr()
+    assert main(["bench", "08", "--show", str(stored)]) == 0
+    out = capsys.readouterr().out
+    assert "Lesson 08" in out and "lookup" in out and stored.with_suffix(".png").exists()
+    assert main(["bench", "02", "--show", str(stored)]) == 1
+    assert "holds lesson 08's result" in capsys.readouterr().err
+    assert main(["bench", "02", "--show", str(tmp_path / "missing.json")]) == 1
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["bench", "99"], "no benchmark '99'"),
     (["bench", "01", "--size", "huge"], "unknown size 'huge'"),

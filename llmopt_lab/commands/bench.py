@@ -18,12 +18,17 @@ def add_arguments(p) -> None:
                         "OUT/<device>/<lesson>.json, the plot beside it")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--show", metavar="JSON", default=None,
+                   help="measure nothing: print the summary of a stored result and draw its plot "
+                        "beside it (e.g. for results brought back from a GPU machine with --no-plot)")
 
 
 def run(args) -> int:
     from ..benchmarks import find
-    from .tour import run_benchmarks
+    from .tour import run_benchmarks, show_result
 
+    if args.show:
+        return show_result(find(args.lesson), Path(args.show), plot=not args.no_plot)
     return run_benchmarks([find(args.lesson)], args.device, args.size,
                           Path(args.out) if args.out else None, plot=not args.no_plot,
                           progress=not args.quiet)

@@ -58,20 +58,44 @@ def run_benchmarks(benchmarks, device, size: str, out: Path | None, plot: bool =
         chosen = resolve_size(module, size, dev)
         result = module.run(chosen, dev, progress=progress)
         path = bench.save_result(f"{b.number}_{b.name}", result, root=out, device=dev)
-        print(f"\nLesson {b.number}: {b.title} [{chosen}]")
-        print(format_table(module.summary_rows(result)))
-        for m in result.get("models", []):
-            if "profile" in m:
-                print(f"\n{m['model']}: {m['profile']['summary']}")
-        if hasattr(module, "summary_text"):  # the figures a table does not hold
-            print("\n" + module.summary_text(result))
-        print(f"\nresults: {path}")
-        if plot and hasattr(module, "plot"):
-            import matplotlib
+        _report(b, module, result, prov, path, plot)
+    return 0
 
-            matplotlib.use("Agg")
-            fig = module.plot(result, prov)
-            png = path.with_suffix(".png")
-            fig.savefig(png, dpi=120, bbox_inches="tight")
-            print(f"plot:    {png}")
+
+def _report(b, module, result: dict, prov: dict, path: Path, plot: bool) -> None:
+    """Print a result's summary (and draw its plot beside ``path``)."""
+    print(f"\nLesson {b.number}: {b.title} [{result.get('size', '?')}]")
+    print(format_table(module.summary_rows(result)))
+    for m in result.get("models", []):
+        if "profile" in m:
+            print(f"\n{m['model']}: {m['profile']['summary']}")
+    if hasattr(module, "summary_text"):  # the figures a table does not hold
+        print("\n" + module.summary_text(result))
+    print(f"\nresults: {path}")
+    if plot and hasattr(module, "plot"):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        fig = module.plot(result, prov)
+        png = path.with_suffix(".png")
+        fig.savefig(png, dpi=120, bbox_inches="tight")
+        print(f"plot:    {png}")
+
+
+def show_result(b, path: Path, plot: bool = True) -> int:
+    """Summary and plot of a stored result (nothing is measured)."""
+    import json
+
+    from ..errors import LlmoptError
+
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LlmoptError(f"cannot read a stored result from {path}: {e}") from None
+    if result.get("lesson") not in (None, b.number):
+        raise LlmoptError(f"{path} holds lesson {result.get('lesson')}'s result, not lesson {b.number}'s")
+    prov = result.get("provenance", {})
+    print(f"{prov.get('device', '?')} | torch {prov.get('torch', '?')} | triton {prov.get('triton', '?')} | "
+          f"commit {str(prov.get('git_commit', '?'))[:12]} | {prov.get('date', '?')}")
+    _report(b, b.load(), result, prov, path, plot)
     return 0
