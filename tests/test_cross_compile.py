@@ -6,6 +6,7 @@ sm_80 (A100) and sm_90 (H100/H200). This runs in a subprocess with
 TRITON_INTERPRET=0 so that @triton.jit builds real JIT functions.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +14,10 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton")
+# not imported here: importing triton before llmopt_lab would build Triton's own
+# helpers for compiling, and the interpreter tests that follow would break
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed", allow_module_level=True)
 
 SCRIPT = r"""
 import importlib, json, pkgutil, sys
@@ -21,8 +25,13 @@ import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
+import inspect
 import llmopt_lab.kernels as K
 
+if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+    print(json.dumps({"skip": f"Triton {triton.__version__}'s ASTSource predates the constexprs "
+                              "argument these specs use (Triton >= 3.3)"}))
+    sys.exit(0)
 specs = K.compile_specs()
 covered = {id(s["fn"]) for s in specs}
 missing = []
@@ -49,6 +58,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in out:
+        pytest.skip(out["skip"])
     assert out["missing"] == [], f"kernels without a COMPILE_SPECS entry: {out['missing']}"
     assert out["results"], "no kernels were compiled"
     for r in out["results"]:

@@ -23,6 +23,8 @@ from llmopt_lab.kernels.reference import attention_ref, causal_mask, online_soft
 from llmopt_lab.model import Transformer
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(kernels.mode() == "reference",
+                                   reason=kernels.interpreter_problem() or "Triton is not installed")
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
@@ -88,6 +90,7 @@ FA_CASES = [
 ]
 
 
+@needs_kernels
 @pytest.mark.parametrize("case", FA_CASES, ids=lambda c: "B{}-H{}/{}-T{}-S{}-D{}-{}".format(
     *c[:6], "causal" if c[6] else "full") + (f"-w{c[9]}" if c[9] else "") + "-" + str(c[10])[6:])
 def test_flash_attention_matches_reference(case):
@@ -100,6 +103,7 @@ def test_flash_attention_matches_reference(case):
     _check(out, lse, q, k, v, prefix_mask(qs, kl, T, S, causal, window), dtype)
 
 
+@needs_kernels
 def test_flash_attention_strided_inputs_and_scale():
     """The model's q is a transposed view (B, T, H, D) -> (B, H, T, D); a
     non-contiguous last dimension is copied."""
@@ -112,6 +116,7 @@ def test_flash_attention_strided_inputs_and_scale():
     _check(out, lse, q, k, v, mask, torch.float32, scale=0.3)
 
 
+@needs_kernels
 def test_flash_attention_kernel_really_ran(monkeypatch):
     """Guard against a silent fallback to the reference."""
     if not kernels.can_launch(torch.empty(1, device=DEV)):
@@ -143,6 +148,7 @@ FD_CASES = [
 ]
 
 
+@needs_kernels
 @pytest.mark.parametrize("case", FD_CASES, ids=lambda c: "B{}-H{}/{}-T{}-S{}-D{}".format(
     *c[:6]) + f"-splits{c[7]}" + (f"-w{c[9]}" if c[9] else "") + "-" + str(c[10])[6:])
 def test_flash_decode_matches_reference(case):
@@ -225,6 +231,7 @@ def _metas(B, T, S, device=DEV):
     yield "cache", AttentionMeta(q_pos, slots, slots < lengths[:, None]), 3, S
 
 
+@needs_kernels
 @pytest.mark.parametrize("window", [None, 5])
 def test_flash_attention_fn_matches_naive_without_falling_back(window, monkeypatch):
     if not kernels.can_launch(torch.empty(1, device=DEV)):
@@ -275,6 +282,7 @@ def _tiny_model(device=DEV):
     return model
 
 
+@needs_kernels
 def test_model_generates_the_same_tokens_with_flash_attention(monkeypatch):
     """Prefill (T > 16, flash kernel) and decode (flash decoding) through a
     StaticCache give the tokens of the no-cache reference path with sdpa."""

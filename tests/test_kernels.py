@@ -15,6 +15,29 @@ def test_interpreter_is_chosen_without_cuda():
         assert kernels.mode() in ("interpreter", "reference")
 
 
+def test_interpreter_probe_passes_here():
+    if kernels.INTERPRETED:
+        assert kernels.interpreter_problem() is None  # CI's Triton runs the kernels
+        assert kernels.mode() == "interpreter"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or kernels.mode() == "reference",
+                    reason="needs Triton's interpreter (no CUDA GPU)")
+def test_triton_imported_first_falls_back_with_a_clear_notice():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import triton\nfrom llmopt_lab import kernels\n"
+            "print(kernels.mode(), kernels.can_launch())")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["reference", "False"]
+    assert "import llmopt_lab first" in proc.stderr
+
+
 @pytest.mark.parametrize("shape", [(1, 7), (3, 128), (5, 257), (2, 3, 1000)])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_rmsnorm_matches_reference(shape, dtype, tol):

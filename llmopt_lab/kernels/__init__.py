@@ -27,7 +27,11 @@ import sys
 
 import torch
 
+#: Triton was imported before this package chose the interpreter: its own
+#: jitted helpers (tl.zeros, tl.sum, ...) were then built for compiling
+_TRITON_BEFORE_US = False
 if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    _TRITON_BEFORE_US = "triton" in sys.modules
     os.environ["TRITON_INTERPRET"] = "1"
 
 try:  # Triton wheels exist for Linux only
@@ -42,10 +46,68 @@ except ImportError:  # pragma: no cover - exercised on macOS/Windows
 
 INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+_interpreter_problem: str | None = None
+_interpreter_probed = False
+
+if HAS_TRITON:
+    # tl must be a global of the kernel's module: the interpreter patches the
+    # language modules it finds among a kernel's globals
+    import triton.language as tl
+
+    @triton.jit
+    def _probe_kernel(X, Y, n):  # Y[0] = X[0] + ... + X[n-1], in a loop bounded at run time
+        acc = tl.zeros((1,), tl.float32)
+        for i in range(0, n):
+            acc += tl.load(X + i + tl.arange(0, 1))
+        tl.store(Y + tl.arange(0, 1), acc)
+
+
+def _probe_interpreter() -> str | None:
+    """Run a tiny kernel with a loop bounded by a runtime value under the
+    interpreter; None if it works, else what went wrong. Triton releases
+    without the fix of triton-lang/triton#9171 (3.6 and older) fail there under
+    numpy >= 2.4 ("only 0-dimensional arrays can be converted to Python
+    scalars"), and every kernel of the course has such a loop."""
+    import triton
+
+    x, y = torch.arange(1.0, 4.0), torch.zeros(1)
+    try:
+        _probe_kernel[(1,)](x, y, 3)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        import numpy
+
+        what = f"Triton {triton.__version__}'s interpreter fails here ({type(e).__name__}: {str(e)[:100]})"
+        if _TRITON_BEFORE_US:
+            return (f"{what}: triton was imported before llmopt_lab chose the interpreter; "
+                    "import llmopt_lab first, or set TRITON_INTERPRET=1 before importing triton")
+        if "0-dimensional" in str(e):
+            return (f"{what}: Triton 3.6 and older need numpy < 2.4 in the interpreter "
+                    f"(triton-lang/triton#9171; numpy {numpy.__version__} here): install "
+                    "numpy<2.4 or a newer Triton")
+        return what
+    if float(y[0]) != 6.0:
+        return f"Triton {triton.__version__}'s interpreter computed a wrong sum ({float(y[0])} for 6)"
+    return None
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels here, or None (it can,
+    or kernels are compiled, or there is no Triton). Probed once, lazily; the
+    kernels then fall back to their references, with a one-line notice."""
+    global _interpreter_problem, _interpreter_probed
+    if INTERPRETED and not _interpreter_probed:
+        _interpreter_probed = True
+        _interpreter_problem = _probe_interpreter()
+        if _interpreter_problem:
+            print(f"llmopt_lab: {_interpreter_problem}; kernels fall back to their plain-torch "
+                  "references.", file=sys.stderr)
+    return _interpreter_problem
+
 
 def mode() -> str:
-    """How kernels run here: 'compiled', 'interpreter' or 'reference'."""
-    if not HAS_TRITON:
+    """How kernels run here: 'compiled', 'interpreter' or 'reference' (no
+    Triton, or an interpreter that cannot run them: :func:`interpreter_problem`)."""
+    if not HAS_TRITON or interpreter_problem():
         return "reference"
     return "interpreter" if INTERPRETED else "compiled"
 
@@ -53,12 +115,15 @@ def mode() -> str:
 def can_launch(*tensors: torch.Tensor) -> bool:
     """Whether a Triton kernel can run on these tensors in this process.
 
-    Compiled kernels need CUDA tensors; the interpreter needs CPU tensors.
+    Compiled kernels need CUDA tensors; the interpreter needs CPU tensors (and
+    an interpreter that works, see :func:`interpreter_problem`).
     """
     if not HAS_TRITON:
         return False
     want_cuda = not INTERPRETED
-    return all(t.is_cuda == want_cuda for t in tensors)
+    if not all(t.is_cuda == want_cuda for t in tensors):
+        return False
+    return not (INTERPRETED and interpreter_problem())
 
 
 from . import reference  # noqa: E402
@@ -84,5 +149,5 @@ def compile_specs() -> list[dict]:
     return specs
 
 
-__all__ = ["HAS_TRITON", "INTERPRETED", "mode", "can_launch", "reference", "compile_specs",
-           "KERNEL_MODULES"]
+__all__ = ["HAS_TRITON", "INTERPRETED", "mode", "can_launch", "interpreter_problem", "reference",
+           "compile_specs", "KERNEL_MODULES"]

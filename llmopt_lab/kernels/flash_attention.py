@@ -168,10 +168,17 @@ if HAS_TRITON:
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                 for bm, bn, w, s in shapes]
 
-    _flash_fwd_tuned = triton.autotune(
-        configs=_fwd_configs(),
-        key=["SEQ_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "DOT_PRECISION"],
-    )(_flash_fwd_kernel)
+    _tuned_kernel = []
+
+    def _flash_fwd_tuned():
+        """The autotuned kernel, built on first use (older Tritons look for a GPU
+        driver when an autotuner is created, so not at import)."""
+        if not _tuned_kernel:
+            _tuned_kernel.append(triton.autotune(
+                configs=_fwd_configs(),
+                key=["SEQ_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "DOT_PRECISION"],
+            )(_flash_fwd_kernel))
+        return _tuned_kernel[0]
 
     COMPILE_SPECS = [
         dict(fn=_flash_fwd_kernel,
@@ -357,5 +364,5 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
             return (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
 
         with torch.cuda.device(q.device):
-            _flash_fwd_tuned[grid](*args, **consts)
+            _flash_fwd_tuned()[grid](*args, **consts)
     return out, lse

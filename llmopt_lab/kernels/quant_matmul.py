@@ -414,7 +414,7 @@ if HAS_TRITON:
             r = tl.where((r - v == 0.5) & (r % 2.0 != 0.0), r - 1.0, r)  # half to even, as torch
             xq = tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
             w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-            acc = tl.dot(xq, tl.trans(w), acc)
+            acc = tl.dot(xq, tl.trans(w), acc, out_dtype=tl.int32)
         sw = tl.load(SW + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         out = acc.to(tl.float32) * sx[:, None] * sw[None, :]
         out_mask = m_ok[:, None] & n_ok[None, :]
@@ -780,10 +780,10 @@ def int8_matmul(x: torch.Tensor, qweight_t: torch.Tensor, scales: torch.Tensor,
     _check_x("int8_matmul", x, K, qweight_t.device)
     _check_bias("int8_matmul", bias, N, qweight_t.device)
     extra = () if bias is None else (bias,)
+    x2 = _rows(x, K)
+    cfg = _resolve("int8", x2.shape[0], N, K, x2, None, path, config)  # checked either way
     if not can_launch(x, qweight_t, scales, *extra):
         return int8_matmul_ref(x, qweight_t, scales, bias)
-    x2 = _rows(x, K)
-    cfg = _resolve("int8", x2.shape[0], N, K, x2, None, path, config)
     y = _launch("int8", x2, (qweight_t.contiguous(), scales.contiguous()), bias, N, K, cfg)
     return y.reshape(*x.shape[:-1], N)
 
@@ -805,10 +805,10 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     _check_x("int4_matmul", x, K, packed.device)
     _check_bias("int4_matmul", bias, N, packed.device)
     extra = () if bias is None else (bias,)
+    x2 = _rows(x, K)
+    cfg = _resolve("int4", x2.shape[0], N, K, x2, group_size, path, config)  # checked either way
     if not can_launch(x, packed, scales, zeros, *extra):
         return int4_matmul_ref(x, packed, scales, zeros, group_size, bias)
-    x2 = _rows(x, K)
-    cfg = _resolve("int4", x2.shape[0], N, K, x2, group_size, path, config)
     y = _launch("int4", x2, (packed.contiguous(), scales.contiguous(), zeros.contiguous()),
                 bias, N, K, cfg, group_size=group_size)
     return y.reshape(*x.shape[:-1], N)
@@ -830,10 +830,10 @@ def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
         raise ValueError(f"w8a8_matmul: input_scale must be float32 of shape ({K},) on "
                          f"{qweight.device}")
     extra = tuple(t for t in (bias, input_scale) if t is not None)
+    x2 = _rows(x, K)
+    cfg = _resolve("w8a8", x2.shape[0], N, K, x2, None, "auto", config)  # checked either way
     if not can_launch(x, qweight, w_scales, *extra):
         return w8a8_matmul_ref(x, qweight, w_scales, bias, input_scale)
-    x2 = _rows(x, K)
-    cfg = _resolve("w8a8", x2.shape[0], N, K, x2, None, "auto", config)
     y = _launch("w8a8", x2, (qweight.contiguous(), w_scales.contiguous()), bias, N, K, cfg,
                 input_scale=None if input_scale is None else input_scale.contiguous())
     return y.reshape(*x.shape[:-1], N)
