@@ -14,7 +14,10 @@ would produce.
   bonus token from p. The output distribution is exactly the target's.
 * Both caches roll back past the first rejection (``cache.truncate``).
 
-Batch size 1.
+Batches: every sequence keeps its own length, acceptances and rollback (the
+caches hold per-sequence lengths); the draft's k passes and the target's
+verification run batched. A finished sequence idles as a dummy until the
+others are done.
 """
 
 from __future__ import annotations
@@ -114,8 +117,18 @@ class SpecStats:
 
 @dataclass
 class SpecOutput:
-    tokens: list[int]
+    """sequences: the new tokens of each prompt (cut at EOS and at the limit);
+    stats: summed over the batch."""
+
+    sequences: list[list[int]]
     stats: SpecStats
+
+    @property
+    def tokens(self) -> list[int]:
+        """The new tokens of the only prompt (batch size 1)."""
+        if len(self.sequences) != 1:
+            raise GenerationError(f"{len(self.sequences)} prompts were generated: use .sequences")
+        return self.sequences[0]
 
 
 def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
@@ -161,15 +174,22 @@ def prompt_lookup(seq: list[int], k: int, max_ngram: int = 3) -> list[int]:
     return []
 
 
-def _forward(model, tokens: list[int], start: int, cache, last_only: bool = False) -> torch.Tensor:
-    """Feed tokens at positions start.. into cache; logits (T, V) float32, or
-    (1, V) for the last token only (``last_only``: the rest are not needed)."""
+def _forward_rows(model, rows: list[list[int]], starts: list[int], cache,
+                  last_only: bool = False) -> torch.Tensor:
+    """Feed row i's tokens at positions starts[i].. into the cache (rows of
+    different lengths are right-padded and masked). Returns float32 logits
+    (B, W, V), W the longest row, or (B, V) after each row's last token
+    (``last_only``: the rest are not needed)."""
     dev = model.device
-    ids = torch.tensor([tokens], device=dev)
-    pos = torch.arange(start, start + len(tokens), device=dev)[None]
-    with torch.inference_mode():
-        hidden = model.hidden_states(ids, pos, cache=cache)[0]  # (T, H)
-        return model.lm_head(hidden[-1:] if last_only else hidden).float()
+    widths = [len(r) for r in rows]
+    W = max(widths)
+    ids = torch.tensor([r + [0] * (W - len(r)) for r in rows], device=dev)
+    pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(W, device=dev)
+    lengths = None if min(widths) == W else torch.tensor(widths, device=dev)
+    hidden = model.hidden_states(ids, pos, cache=cache, lengths=lengths)  # (B, W, H)
+    if last_only:
+        hidden = hidden[torch.arange(len(rows), device=dev), torch.tensor(widths, device=dev) - 1]
+    return model.lm_head(hidden).float()
 
 
 def acceptance_probability(p: torch.Tensor, q: torch.Tensor, x: int) -> float:
@@ -223,14 +243,18 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
                          eos_token_id: int | None = None, ignore_eos: bool = False,
                          max_ngram: int = 3, target_tokenizer=None, draft_tokenizer=None,
                          acceptance_rule=None) -> SpecOutput:
-    """Generate with speculative decoding (batch size 1).
+    """Generate with speculative decoding.
 
+    input_ids: one prompt or several (a list of token lists of any lengths, or
+    a (B, T) tensor): each sequence proposes, is verified and rolls back on its
+    own, in one batched draft and one batched target forward per step.
     draft: a model sharing the target's tokenizer, or None for prompt lookup.
     k: proposals per step (>= 1). Sampling parameters as in
     :func:`llmopt_lab.generate.generate`; temperature 0 is greedy.
     acceptance_rule: for experiments only (the lesson's negative control):
     ``fn(p, q, x, generator) -> (accepted, replacement)`` replacing the exact rule.
-    Returns the new tokens and :class:`SpecStats`.
+    Returns a :class:`SpecOutput`: the new tokens of each prompt and the
+    :class:`SpecStats` of the batch.
     """
     check_sampling_args(temperature, top_k, top_p)
     if not isinstance(k, int) or k < 1:
@@ -238,11 +262,10 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     check_same_tokenizer(target_tokenizer, draft_tokenizer)
-    ids, _ = pad_prompts(input_ids)
-    if ids.shape[0] != 1:
-        raise GenerationError(f"speculative_generate runs batch size 1, got {ids.shape[0]} prompts")
-    seq = ids[0].tolist()
-    T = len(seq)
+    ids, lengths = pad_prompts(input_ids)
+    B = ids.shape[0]
+    seqs = [row[:n].tolist() for row, n in zip(ids, lengths.tolist())]
+    T = int(lengths.max())
     cfg = target.config
     size = T + max_new_tokens + k + 2
     if size > cfg.max_position_embeddings or (draft is not None and size > draft.config.max_position_embeddings):
@@ -275,87 +298,108 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
         setattr(stats, which, getattr(stats, which) + time.perf_counter() - t0)
         return out
 
-    t_cache = StaticCache(cfg, 1, size, device=dev, dtype=target.dtype)
+    def finished(i: int) -> bool:
+        return len(news[i]) >= max_new_tokens or any(x in eos for x in news[i])
+
+    t_cache = StaticCache(cfg, B, size, device=dev, dtype=target.dtype)
     d_cache = None
     if draft is not None:
-        d_cache = StaticCache(draft.config, 1, size, device=dev, dtype=draft.dtype)
-    # the target's cache holds seq[:-1]; its first token comes from the prompt's logits
-    logits = timed(lambda: _forward(target, seq, 0, t_cache, last_only=True), "prefill_time_s")
+        d_cache = StaticCache(draft.config, B, size, device=dev, dtype=draft.dtype)
+    # the target's cache holds seq[:-1]; the first new token comes from the prompt's logits
+    logits = timed(lambda: _forward_rows(target, seqs, [0] * B, t_cache, last_only=True),
+                   "prefill_time_s")  # (B, V)
     stats.target_forwards += 1
-    new = [pick(logits[-1])]
-    seq.append(new[0])
-    d_len = 0  # tokens of seq in the draft cache
+    news = [[pick(logits[i])] for i in range(B)]
+    for i in range(B):
+        seqs[i].append(news[i][0])
+    d_lens = [0] * B  # tokens of each sequence in the draft cache
+    done = [finished(i) for i in range(B)]
 
-    while len(new) < max_new_tokens and not (eos and new[-1] in eos):
-        n = len(seq)
+    while not all(done):
+        # A finished row no longer advances: it stands in as a one-token dummy
+        # at position 0 (its caches emptied), so the batch keeps its shape and
+        # no row runs past the caches; its results are ignored.
+        views = [[0] if done[i] else seqs[i] for i in range(B)]
         # ---- propose
-        q_dists: list[torch.Tensor] = []
+        q_dists: list[list[torch.Tensor]] = [[] for _ in range(B)]
         if draft is None:
-            proposal = prompt_lookup(seq, k, max_ngram)
+            proposals = [[] if done[i] else prompt_lookup(views[i], k, max_ngram) for i in range(B)]
         else:
-            proposal = []
+            proposals = [[] for _ in range(B)]
 
             def propose():
-                nonlocal d_len
-                chunk = seq[d_len:]
+                chunks = [views[i][d_lens[i]:] for i in range(B)]
                 for _ in range(k):
-                    dl = _forward(draft, chunk, d_len, d_cache, last_only=True)[0, :shared]
-                    d_len += len(chunk)
+                    dl = _forward_rows(draft, chunks, d_lens, d_cache, last_only=True)[:, :shared]
+                    for i in range(B):
+                        d_lens[i] += len(chunks[i])
                     if greedy:
-                        x = int(dl.argmax())
+                        xs = dl.argmax(-1).tolist()
                     else:
-                        qd = torch.zeros(vocab, device=dev)
-                        qd[:shared] = dist(dl)
-                        q_dists.append(qd)
-                        x = int(torch.multinomial(qd, 1, generator=gen))
-                    proposal.append(x)
-                    chunk = [x]
+                        xs = []
+                        for i in range(B):
+                            qd = torch.zeros(vocab, device=dev)
+                            qd[:shared] = dist(dl[i])
+                            q_dists[i].append(qd)
+                            xs.append(int(torch.multinomial(qd, 1, generator=gen)))
+                    for i in range(B):
+                        proposals[i].append(xs[i])
+                    chunks = [[x] for x in xs]
                 stats.draft_forwards += k
 
             timed(propose, "draft_time_s")
-        # ---- verify: the last token and the proposals in one target forward
-        logits = timed(lambda: _forward(target, [seq[-1]] + proposal, n - 1, t_cache),
-                       "target_time_s")  # (len(proposal) + 1, V)
+        # ---- verify: each row's last token and its proposals in one target forward
+        logits = timed(lambda: _forward_rows(target, [[v[-1]] + p for v, p in zip(views, proposals)],
+                                             [len(v) - 1 for v in views], t_cache),
+                       "target_time_s")  # (B, 1 + longest proposal, V)
         stats.target_forwards += 1
-        accepted, extra = 0, None
         choices = logits.argmax(-1).tolist() if greedy else None  # one host sync for all
-        for i, x in enumerate(proposal):
-            if greedy:
-                if choices[i] == x:
+        t_lens, new_d_lens = [0] * B, [0] * B
+        for r in range(B):
+            if done[r]:
+                continue
+            proposal, accepted, extra = proposals[r], 0, None
+            for i, x in enumerate(proposal):
+                if greedy:
+                    if choices[r][i] == x:
+                        accepted += 1
+                        continue
+                    extra = choices[r][i]
+                    break
+                p = dist(logits[r, i])
+                q = q_dists[r][i] if draft is not None else torch.nn.functional.one_hot(
+                    torch.tensor(x, device=dev), vocab).float()
+                ok, replacement = rule(p, q, x, gen)
+                if ok:
                     accepted += 1
                     continue
-                extra = choices[i]
+                extra = replacement
                 break
-            p = dist(logits[i])
-            q = q_dists[i] if draft is not None else torch.nn.functional.one_hot(
-                torch.tensor(x, device=dev), vocab).float()
-            ok, replacement = rule(p, q, x, gen)
-            if ok:
-                accepted += 1
-                continue
-            extra = replacement
-            break
-        if extra is None:  # everything kept: a bonus token from the target
-            extra = choices[len(proposal)] if greedy else pick(logits[len(proposal)])
-        stats.proposed += len(proposal)
-        stats.accepted += accepted
-        stats.accepted_per_step.append(accepted)
-        stats.proposed_per_step.append(len(proposal))
-        step_tokens = proposal[:accepted] + [extra]
-        # ---- roll both caches back to what is now certain: the sequence but its last token
-        t_len, d_len = cache_lengths_after_step(n, accepted, d_len)
-        seq.extend(step_tokens)
-        new.extend(step_tokens)
-        t_cache.truncate(torch.tensor([t_len], device=dev))
+            if extra is None:  # everything kept: a bonus token from the target
+                extra = choices[r][len(proposal)] if greedy else pick(logits[r, len(proposal)])
+            stats.proposed += len(proposal)
+            stats.accepted += accepted
+            stats.accepted_per_step.append(accepted)
+            stats.proposed_per_step.append(len(proposal))
+            # ---- roll both caches back to what is now certain: the sequence but its last token
+            t_lens[r], new_d_lens[r] = cache_lengths_after_step(len(seqs[r]), accepted, d_lens[r])
+            step_tokens = proposal[:accepted] + [extra]
+            seqs[r].extend(step_tokens)
+            news[r].extend(step_tokens)
+            if finished(r):  # from now on a dummy: empty caches
+                done[r] = True
+                t_lens[r] = new_d_lens[r] = 0
+        d_lens = new_d_lens
+        t_cache.truncate(torch.tensor(t_lens, device=dev))
         if d_cache is not None:
-            d_cache.truncate(torch.tensor([d_len], device=dev))
+            d_cache.truncate(torch.tensor(d_lens, device=dev))
     # cut at EOS and at the limit (tokens past them are what the target would
     # have produced anyway; they are simply not wanted)
-    if eos:
-        for i, x in enumerate(new):
+    for r in range(B):
+        for i, x in enumerate(news[r]):
             if x in eos:
-                new = new[:i + 1]
+                news[r] = news[r][:i + 1]
                 break
-    new = new[:max_new_tokens]
-    stats.new_tokens = len(new)
-    return SpecOutput(tokens=new, stats=stats)
+        news[r] = news[r][:max_new_tokens]
+    stats.new_tokens = sum(len(n) for n in news)
+    return SpecOutput(sequences=news, stats=stats)

@@ -28,6 +28,19 @@ def draft():
     return _scaled(preset("tiny").replace(num_layers=1), 22)
 
 
+@pytest.fixture(scope="module")
+def near_draft(target):
+    """A draft that agrees with the target often, not always: the target with noise."""
+    import copy
+
+    noisy = copy.deepcopy(target)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for w in noisy.parameters():
+            w.add_(torch.randn(w.shape, generator=g) * w.std() * 0.05)
+    return noisy
+
+
 def assert_greedy_identity(target, prompt, got, n):
     ref = generate(target, [prompt], n, ignore_eos=True, return_logits=True)
     want = ref.tolist()[0]
@@ -44,6 +57,32 @@ def test_greedy_identity_with_a_draft(target, draft, k):
         out = speculative_generate(target, draft, [prompt], 20, k=k, ignore_eos=True)
         assert len(out.tokens) == 20
         assert_greedy_identity(target, prompt, out.tokens, 20)
+
+
+BATCH = [[7, 300, 42, 42, 42, 9, 7, 300, 42], [5], [1, 2, 3, 1, 2]]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("proposer", ["draft", "lookup"])
+def test_batched_greedy_equals_each_prompt_alone(target, near_draft, proposer, k):
+    # prompts of different lengths accept different numbers of tokens per step
+    out = speculative_generate(target, near_draft if proposer == "draft" else None, BATCH, 18, k=k,
+                               ignore_eos=True)
+    assert len(out.sequences) == 3 and all(len(s) == 18 for s in out.sequences)
+    for prompt, got in zip(BATCH, out.sequences):
+        assert_greedy_identity(target, prompt, got, 18)
+    assert out.stats.new_tokens == 54
+    assert len(set(out.stats.accepted_per_step)) > 1  # the rows did not move in lockstep
+
+
+def test_batched_rows_stop_at_their_own_eos(target, near_draft):
+    alone = [speculative_generate(target, near_draft, [p], 16, k=3, ignore_eos=True).tokens
+             for p in BATCH]
+    eos = alone[0][4]  # row 0 stops early; the others stop there too, or never
+    out = speculative_generate(target, near_draft, BATCH, 16, k=3, eos_token_id=eos)
+    for got, free in zip(out.sequences, alone):
+        want = free[:free.index(eos) + 1] if eos in free else free
+        assert got == want
 
 
 def test_draft_equal_to_target_accepts_everything(target):
@@ -67,17 +106,10 @@ def test_alpha_counts_only_judged_proposals():
     assert both.alpha == 8 / 10
 
 
-def test_alpha_estimate_recovers_the_tokens_per_step(target):
+def test_alpha_estimate_recovers_the_tokens_per_step(target, near_draft):
     # with alpha estimated as kept / judged the formula matches the measured
     # tokens per step better than with kept / proposed
-    import copy
-
-    noisy = copy.deepcopy(target)  # a draft that agrees with the target often, not always
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for w in noisy.parameters():
-            w.add_(torch.randn(w.shape, generator=g) * w.std() * 0.05)
-    stats = SpecStats.combine(speculative_generate(target, noisy, [[i, i + 1, 7]], 40, k=4,
+    stats = SpecStats.combine(speculative_generate(target, near_draft, [[i, i + 1, 7]], 40, k=4,
                                                    ignore_eos=True).stats for i in range(6))
     measured = stats.tokens_per_step
     good = expected_tokens_per_step(stats.alpha, 4)
@@ -114,8 +146,8 @@ def test_stops_at_eos(target, draft):
 def test_errors(target, draft):
     with pytest.raises(GenerationError, match="k must be"):
         speculative_generate(target, draft, [[1]], 4, k=0)
-    with pytest.raises(GenerationError, match="batch size 1"):
-        speculative_generate(target, draft, [[1], [2]], 4)
+    with pytest.raises(GenerationError, match="use .sequences"):
+        speculative_generate(target, draft, [[1], [2]], 4).tokens
 
     class Tok:
         def __init__(self, vocab):
@@ -144,15 +176,16 @@ RUNS = 1500
 PROMPT = [0, 1]
 
 
-def _exact_joint(model) -> torch.Tensor:
+def _exact_joint(model, prompt=PROMPT) -> torch.Tensor:
     """P(t1, t2, t3 | prompt) under the model's own sampling (temperature 1), (4, 4, 4)."""
     V = TINY_VOCAB.vocab_size
     joint = torch.zeros(V, V, V, dtype=torch.float64)
+    n = len(prompt)
     with torch.inference_mode():
         for t1, t2 in itertools.product(range(V), repeat=2):
-            seq = torch.tensor([PROMPT + [t1, t2]])
+            seq = torch.tensor([prompt + [t1, t2]])
             p = model(seq)[0].double().softmax(-1)  # (T, V)
-            joint[t1, t2] = p[1, t1] * p[2, t2] * p[3]
+            joint[t1, t2] = p[n - 1, t1] * p[n, t2] * p[n + 1]
     return joint
 
 
@@ -189,6 +222,29 @@ def test_sampling_distribution_is_the_targets_and_a_wrong_rule_is_caught():
     print(f"bound {bound:.3f}, exact rule {tv_ok:.3f}, wrong rule {tv_wrong:.3f}")
     assert tv_ok <= bound, f"TV {tv_ok:.3f} above the bound {bound:.3f}"
     assert tv_wrong > bound, f"the negative control passed (TV {tv_wrong:.3f} <= {bound:.3f})"
+
+
+def _tv_bound(exact, runs, seed=0) -> float:
+    """99.9th percentile of the TV distance between ``exact`` and ``runs`` exact samples."""
+    g = torch.Generator().manual_seed(seed)
+    flat = exact.flatten()
+    noise = sorted(_tv(torch.bincount(torch.multinomial(flat, runs, True, generator=g), minlength=64)
+                       .double().reshape(4, 4, 4) / runs, exact) for _ in range(1000))
+    return noise[int(0.999 * len(noise))]
+
+
+def test_batched_sampling_keeps_each_rows_distribution():
+    # two prompts of different lengths share one batch (and one random stream):
+    # each row must still follow the target's own law
+    target, draft = _scaled(TINY_VOCAB, 5, 6.0), _scaled(TINY_VOCAB, 6, 6.0)
+    prompts = [PROMPT, [3, 2, 2, 1]]
+    exact = [_exact_joint(target, p) for p in prompts]
+    runs = [speculative_generate(target, draft, prompts, 3, k=2, temperature=1.0, seed=s,
+                                 ignore_eos=True).sequences for s in range(RUNS)]
+    for r in range(2):
+        tv = _tv(_empirical(out[r] for out in runs), exact[r])
+        bound = _tv_bound(exact[r], RUNS)
+        assert tv <= bound, f"row {r}: TV {tv:.3f} above the bound {bound:.3f}"
 
 
 def test_verify_step_pieces():
