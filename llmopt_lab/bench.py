@@ -1122,15 +1122,16 @@ def _version(module: str) -> str | None:
 
 def _git_commit() -> str:
     """HEAD of the checkout this package lives in, '-dirty' when tracked files
-    have uncommitted changes (untracked files do not count), 'unknown'
-    without git or outside a repository."""
+    have uncommitted changes (untracked files and results/, which benchmarks
+    write, do not count), 'unknown' without git or outside a repository."""
     repo = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                               text=True, timeout=10)
         if head.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)results"],
                                cwd=repo, capture_output=True, text=True, timeout=10)
         suffix = "-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else ""
         return head.stdout.strip() + suffix

@@ -416,3 +416,18 @@ def test_gpu_profile_step():
     assert prof.kernels_per_step >= 29
     assert 0 < prof.device_time_s <= prof.wall_s * 1.5
     print("\n" + prof.summary() + "\n" + prof.table())
+
+
+def test_results_written_by_benchmarks_do_not_make_the_commit_dirty():
+    # a benchmark writes results/; the next one's provenance must not call the
+    # checkout dirty for that (tour runs them one after the other)
+    readme = bench.default_results_root() / "README.md"
+    before = bench._git_commit()
+    if before == "unknown" or not readme.exists():
+        pytest.skip("not a git checkout")
+    text = readme.read_text(encoding="utf-8")
+    try:
+        readme.write_text(text + "\n", encoding="utf-8")
+        assert bench._git_commit() == before
+    finally:
+        readme.write_text(text, encoding="utf-8")
