@@ -10,8 +10,9 @@ import os
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
+
+nbformat = pytest.importorskip("nbformat")  # absent on bare GPU machines: skip there
 
 from llmopt_lab.exercises import GRADER_TAG, build
 
