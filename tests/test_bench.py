@@ -431,3 +431,11 @@ def test_results_written_by_benchmarks_do_not_make_the_commit_dirty():
         assert bench._git_commit() == before
     finally:
         readme.write_text(text, encoding="utf-8")
+
+
+def test_fastest_dtype_follows_the_hardware(monkeypatch):
+    assert bench.fastest_dtype("cpu") == (torch.bfloat16 if bench.native_bf16("cpu") else torch.float32)
+    monkeypatch.setattr(bench, "native_bf16", lambda device=None: False)
+    assert bench.fastest_dtype("cpu") == torch.float32  # emulated bf16 would be slower
+    monkeypatch.setattr(bench, "native_bf16", lambda device=None: True)
+    assert bench.fastest_dtype("cpu") == torch.bfloat16
