@@ -128,7 +128,8 @@ def can_launch(*tensors: torch.Tensor) -> bool:
 
 from . import reference  # noqa: E402
 
-#: kernel modules; each defines its kernels, a checked wrapper and COMPILE_SPECS.
+#: kernel modules; each defines its kernels, a checked wrapper and COMPILE_SPECS
+#: (and JIT_HELPERS: jitted functions its kernels call, compiled within them).
 #: Import the wrappers from their modules (``from llmopt_lab.kernels.rmsnorm
 #: import rmsnorm``): re-exporting them here would shadow the module names.
 KERNEL_MODULES = ("rmsnorm", "flash_attention", "flash_decode", "quant_matmul")

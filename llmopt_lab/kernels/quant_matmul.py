@@ -81,6 +81,31 @@ if HAS_TRITON:
     # one shift, one mask-and-or and one FMA per weight.
 
     @triton.jit
+    def _store_lanes(Y, BIAS, acc0, acc1, acc2, acc3, offs_m, cols, w_ok, M, N, pid_k,
+                     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+        # The GEMV epilogue: lane b's (BLOCK_M, BLOCK_W) sums are output columns
+        # cols + b. Plus bias and cast to Y's dtype; or, with PARTIAL, float32
+        # partial sums (SPLIT_K, M, N) at split pid_k, added by _splitk_reduce_kernel.
+        out_mask = (offs_m[:, None] < M) & w_ok[None, :]
+        if not PARTIAL:
+            out = Y + offs_m[:, None] * N + cols[None, :]
+            if HAS_BIAS:
+                acc0 += tl.load(BIAS + cols, mask=w_ok, other=0.0).to(tl.float32)[None, :]
+                acc1 += tl.load(BIAS + cols + 1, mask=w_ok, other=0.0).to(tl.float32)[None, :]
+                acc2 += tl.load(BIAS + cols + 2, mask=w_ok, other=0.0).to(tl.float32)[None, :]
+                acc3 += tl.load(BIAS + cols + 3, mask=w_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out, acc0.to(Y.dtype.element_ty), mask=out_mask)
+            tl.store(out + 1, acc1.to(Y.dtype.element_ty), mask=out_mask)
+            tl.store(out + 2, acc2.to(Y.dtype.element_ty), mask=out_mask)
+            tl.store(out + 3, acc3.to(Y.dtype.element_ty), mask=out_mask)
+        else:
+            out = Y + (pid_k * M + offs_m[:, None]) * N + cols[None, :]
+            tl.store(out, acc0, mask=out_mask)
+            tl.store(out + 1, acc1, mask=out_mask)
+            tl.store(out + 2, acc2, mask=out_mask)
+            tl.store(out + 3, acc3, mask=out_mask)
+
+    @triton.jit
     def _int4_gemv_kernel(X, WP, S, Z, BIAS, Y, M, N, K, stride_xm, stride_wk, G_PER_SPLIT,
                           GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr):
@@ -165,24 +190,8 @@ if HAS_TRITON:
                 * tl.load(sp + 2, mask=w_ok, other=0.0)[None, :]
             acc3 += (16.0 * gs3 - (16.0 + tl.load(zp + 3, mask=w_ok, other=0).to(tl.float32)[None, :]) * gx) \
                 * tl.load(sp + 3, mask=w_ok, other=0.0)[None, :]
-        out_mask = (offs_m[:, None] < M) & w_ok[None, :]
-        if not PARTIAL:
-            out = Y + offs_m[:, None] * N + cols[None, :]
-            if HAS_BIAS:
-                acc0 += tl.load(BIAS + cols, mask=w_ok, other=0.0).to(tl.float32)[None, :]
-                acc1 += tl.load(BIAS + cols + 1, mask=w_ok, other=0.0).to(tl.float32)[None, :]
-                acc2 += tl.load(BIAS + cols + 2, mask=w_ok, other=0.0).to(tl.float32)[None, :]
-                acc3 += tl.load(BIAS + cols + 3, mask=w_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(out, acc0.to(Y.dtype.element_ty), mask=out_mask)
-            tl.store(out + 1, acc1.to(Y.dtype.element_ty), mask=out_mask)
-            tl.store(out + 2, acc2.to(Y.dtype.element_ty), mask=out_mask)
-            tl.store(out + 3, acc3.to(Y.dtype.element_ty), mask=out_mask)
-        else:  # float32 partial sums (SPLIT_K, M, N), added by _splitk_reduce_kernel
-            out = Y + (pid_k * M + offs_m[:, None]) * N + cols[None, :]
-            tl.store(out, acc0, mask=out_mask)
-            tl.store(out + 1, acc1, mask=out_mask)
-            tl.store(out + 2, acc2, mask=out_mask)
-            tl.store(out + 3, acc3, mask=out_mask)
+        _store_lanes(Y, BIAS, acc0, acc1, acc2, acc3, offs_m, cols, w_ok, M, N, pid_k,
+                     HAS_BIAS, PARTIAL)
 
     @triton.jit
     def _int8_gemv_kernel(X, W, S, BIAS, Y, M, N, K, stride_xm, stride_wk, K_PER_SPLIT,
@@ -252,24 +261,8 @@ if HAS_TRITON:
         acc1 = acc1 * tl.load(S + cols + 1, mask=w_ok, other=0.0)[None, :]
         acc2 = acc2 * tl.load(S + cols + 2, mask=w_ok, other=0.0)[None, :]
         acc3 = acc3 * tl.load(S + cols + 3, mask=w_ok, other=0.0)[None, :]
-        out_mask = (offs_m[:, None] < M) & w_ok[None, :]
-        if not PARTIAL:
-            out = Y + offs_m[:, None] * N + cols[None, :]
-            if HAS_BIAS:
-                acc0 += tl.load(BIAS + cols, mask=w_ok, other=0.0).to(tl.float32)[None, :]
-                acc1 += tl.load(BIAS + cols + 1, mask=w_ok, other=0.0).to(tl.float32)[None, :]
-                acc2 += tl.load(BIAS + cols + 2, mask=w_ok, other=0.0).to(tl.float32)[None, :]
-                acc3 += tl.load(BIAS + cols + 3, mask=w_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(out, acc0.to(Y.dtype.element_ty), mask=out_mask)
-            tl.store(out + 1, acc1.to(Y.dtype.element_ty), mask=out_mask)
-            tl.store(out + 2, acc2.to(Y.dtype.element_ty), mask=out_mask)
-            tl.store(out + 3, acc3.to(Y.dtype.element_ty), mask=out_mask)
-        else:
-            out = Y + (pid_k * M + offs_m[:, None]) * N + cols[None, :]
-            tl.store(out, acc0, mask=out_mask)
-            tl.store(out + 1, acc1, mask=out_mask)
-            tl.store(out + 2, acc2, mask=out_mask)
-            tl.store(out + 3, acc3, mask=out_mask)
+        _store_lanes(Y, BIAS, acc0, acc1, acc2, acc3, offs_m, cols, w_ok, M, N, pid_k,
+                     HAS_BIAS, PARTIAL)
 
     @triton.jit
     def _splitk_reduce_kernel(P, BIAS, Y, M, N, stride_ym, SPLIT_K,
@@ -432,6 +425,9 @@ if HAS_TRITON:
         return "*fp32" if split > 1 else f"*{t}"
 
     _SCALARS = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
+
+    #: jitted helpers, not kernels: compiled as part of the kernels that call them
+    JIT_HELPERS = [_store_lanes]
 
     COMPILE_SPECS = [
         dict(fn=_int4_gemv_kernel,
