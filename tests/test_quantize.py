@@ -325,12 +325,18 @@ def test_gptq_column_update_by_hand():
     assert not torch.equal(Wn, W)  # not in place by default
 
 
-def test_gptq_beats_rtn_on_correlated_inputs():
-    torch.manual_seed(0)
-    K, N = 256, 64
-    x, x_test = correlated_inputs(2048, K, 0), correlated_inputs(1024, K, 1)
+def layer_problem(seed: int, K: int = 256, N: int = 64):
+    """A linear layer's weights (N, K) with calibration inputs x, their second
+    moment H = 2 x^T x / n, and fresh test inputs x_test of the same structure."""
+    torch.manual_seed(seed)
+    x, x_test = correlated_inputs(2048, K, 2 * seed), correlated_inputs(1024, K, 2 * seed + 1)
     W = torch.randn(N, K) * 0.05
-    H = 2 * x.t() @ x / x.shape[0]
+    return x, x_test, W, 2 * x.t() @ x / x.shape[0]
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    K = 256
+    x, x_test, W, H = layer_problem(0, K)
     rtn = Q.quantize_int4(W, 64).dequantize()
     res = gptq_quantize_layer(W, H, 64)
     e_rtn, e_gptq = Q.layer_output_error(W, rtn, x_test), Q.layer_output_error(W, res.dequantized, x_test)
@@ -353,11 +359,8 @@ def test_gptq_handles_dead_inputs():
 
 # ============================================================================= AWQ
 def test_awq_is_not_worse_than_rtn():
-    torch.manual_seed(1)
-    K, N = 256, 64
-    x, x_test = correlated_inputs(2048, K, 2), correlated_inputs(1024, K, 3)
-    W = torch.randn(N, K) * 0.05
-    H = 2 * x.t() @ x / x.shape[0]
+    K = 256
+    x, x_test, W, H = layer_problem(1, K)
     search = awq_search_scale([W], x.abs().mean(0), H, 64)
     assert search.errors[0][:2] == (0.0, False) and search.error <= search.rtn_error  # RTN
     assert search.rtn_error == pytest.approx(awq_scale_error([W], torch.ones(K), H, 64), rel=1e-5)
