@@ -79,8 +79,7 @@ class SpecStats:
     def tokens_per_step(self) -> float:
         """Mean new tokens per verification step (kept proposals + 1): the
         quantity the formula predicts; the prompt's forward pass not counted."""
-        steps = self.accepted_per_step
-        return (sum(steps) + len(steps)) / len(steps) if steps else float("nan")
+        return (self.accepted + self.steps) / self.steps if self.steps else float("nan")
 
     @property
     def steps(self) -> int:
