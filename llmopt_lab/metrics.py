@@ -62,6 +62,62 @@ def top1_agreement(ref_logits: torch.Tensor, logits: torch.Tensor,
     return float(same.float().mean())
 
 
+def bootstrap_interval(statistic, num_items: int, samples: int = 2000, level: float = 0.9,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of a statistic of ``num_items`` items.
+
+    statistic: callable taking an index tensor (S, num_items) int64 (each row
+    a resample of the items, drawn with replacement) and returning (S,) values.
+    Returns (low, high), the central ``level`` share of the resampled values.
+    The items are the unit of resampling, so they should be roughly
+    independent (for text: windows, not the correlated tokens within one).
+    """
+    if num_items < 2:
+        raise ValueError(f"a bootstrap needs at least 2 items, got {num_items}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, num_items, (samples, num_items), generator=g)
+    vals = statistic(idx).double()
+    vals = vals[torch.isfinite(vals)]
+    if vals.numel() == 0:
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2
+    return float(torch.quantile(vals, tail)), float(torch.quantile(vals, 1.0 - tail))
+
+
+def _mean_nll(nll: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return nll[idx].sum(-1) / tokens[idx].sum(-1)
+
+
+def ppl_delta_interval(nll_ref: Sequence[float], nll: Sequence[float], tokens: Sequence[int],
+                       samples: int = 2000, level: float = 0.9, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of the perplexity change ``100 * (ppl / ppl_ref - 1)``
+    (percent) when both models are scored on the same windows: nll_ref, nll:
+    (N,) summed NLL (nats) per window; tokens: (N,) scored tokens per window.
+    Windows are resampled in pairs, so what both models find hard cancels."""
+    a, b, n = (torch.as_tensor(v, dtype=torch.float64) for v in (nll_ref, nll, tokens))
+    return bootstrap_interval(
+        lambda i: 100.0 * torch.expm1(_mean_nll(b, n, i) - _mean_nll(a, n, i)),
+        len(n), samples, level, seed)
+
+
+def recovery_interval(nll_ref: Sequence[float], nll_base: Sequence[float], nll: Sequence[float],
+                      tokens: Sequence[int], samples: int = 2000, level: float = 0.9,
+                      seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of the share of a baseline's perplexity increase that
+    a method undoes, ``(ppl_base - ppl) / (ppl_base - ppl_ref)`` (1 = all of
+    it, 0 = none, < 0 = worse than the baseline), all three models scored on
+    the same windows (per-window summed NLL, (N,) each; tokens (N,))."""
+    a, base, b, n = (torch.as_tensor(v, dtype=torch.float64) for v in (nll_ref, nll_base, nll, tokens))
+
+    def stat(i):
+        p_ref, p_base, p = (torch.exp(_mean_nll(x, n, i)) for x in (a, base, b))
+        return (p_base - p) / (p_base - p_ref)
+
+    return bootstrap_interval(stat, len(n), samples, level, seed)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0-100) with linear interpolation; NaN when empty."""
     if len(values) == 0:

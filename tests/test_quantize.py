@@ -1,5 +1,6 @@
 """Quantization building blocks, layers, calibrated methods and the model transform."""
 
+import math
 import warnings
 
 import pytest
@@ -246,6 +247,56 @@ def test_compare_quality_of_identical_models(tiny, ids):
     assert q["top1"] == 1.0 and q["tokens"] == 47 + 29
 
 
+def test_compare_quality_per_window_sums_to_the_totals(tiny, ids):
+    q = Q.quantize(tiny, "int4", copy=True)
+    res = Q.compare_quality(tiny, q, ids, torch.tensor([48, 30]), per_window=True)
+    w = res["windows"]
+    assert w["tokens"] == [47, 29]
+    n = sum(w["tokens"])
+    assert math.exp(sum(w["nll"]) / n) == pytest.approx(res["ppl"], rel=1e-9)
+    assert math.exp(sum(w["nll_ref"]) / n) == pytest.approx(res["ppl_ref"], rel=1e-9)
+    assert sum(w["kl"]) / n == pytest.approx(res["kl"], rel=1e-9) and res["kl"] > 0
+    assert "windows" not in Q.compare_quality(tiny, q, ids)
+
+
+def test_bootstrap_intervals():
+    from llmopt_lab.metrics import bootstrap_interval, ppl_delta_interval, recovery_interval
+
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.full((400,), 100.0)
+    ref = 300.0 + 20.0 * torch.randn(400, generator=g)  # per-window NLL sums (mean 3 nats/token)
+    noise = 0.5 * torch.randn(400, generator=g)
+    worse = ref + 1.0 + noise                           # +0.01 nats/token: ppl +1.005%
+    half = ref + 0.5 + 0.5 * torch.randn(400, generator=g)
+    full = ppl_delta_interval(ref, worse, tokens)
+    assert full[0] < 100 * math.expm1(0.01) < full[1] and full[1] - full[0] < 0.2
+    # paired: the spread of the windows' difficulty (20 nats) cancels
+    assert ppl_delta_interval(ref, ref + 1.0, tokens) == pytest.approx((100 * math.expm1(0.01),) * 2)
+    lo, hi = recovery_interval(ref, worse, half, tokens)
+    assert lo < 0.5 < hi and hi - lo < 0.3
+    lo, hi = recovery_interval(ref, worse, worse, tokens)
+    assert lo == pytest.approx(0.0, abs=1e-9) and hi == pytest.approx(0.0, abs=1e-9)
+    # fewer windows, a wider interval (about sqrt(400 / 25) = 4x); the level is honoured
+    few = ppl_delta_interval(ref[:25], worse[:25], tokens[:25])
+    assert few[1] - few[0] > 2.5 * (full[1] - full[0])
+    x = torch.arange(1000.0)
+    lo, hi = bootstrap_interval(lambda i: x[i[:, 0]], 1000, samples=20000, level=0.5)
+    assert lo == pytest.approx(250, abs=25) and hi == pytest.approx(750, abs=25)
+    with pytest.raises(ValueError, match="at least 2"):
+        bootstrap_interval(lambda i: i.float().mean(-1), 1)
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_interval(lambda i: i.float().mean(-1), 10, level=1.5)
+
+
+def test_quality_verdict():
+    from llmopt_lab.benchmarks.quantization import verdict
+
+    assert verdict(0.7, (0.55, 0.9), 0.5) == "met"
+    assert verdict(0.3, (0.1, 0.45), 0.5) == "missed"
+    assert verdict(0.4, (0.2, 0.6), 0.5) == "unclear (point estimate missed)"
+    assert verdict(0.6, (0.2, 0.8), 0.5) == "unclear (point estimate met)"
+
+
 def test_quantize_errors(tiny, calib):
     with pytest.raises(Q.QuantizationError, match="unknown quantization method"):
         Q.quantize(tiny, "int3", copy=True)
@@ -415,6 +466,16 @@ def test_benchmark_quick_runs_on_cpu():
     assert res["kernels"] == [] and "GPU" in res["kernels_note"]
     formats = [r["format"] for r in res["models"][0]["rows"]]
     assert formats == ["float32", "int8", "int4", "w8a8"]
+    for r in res["quality"]["rows"][1:]:
+        lo, hi = r["ppl_delta_pct_ci90"]
+        assert lo <= r["ppl_delta_pct"] <= hi and "windows" not in r
+    gptq = next(r for r in res["quality"]["rows"] if r["label"] == "int4 GPTQ g128")
+    assert len(gptq["recovered_ci90"]) == 2
+    checks = res["quality"]["checks"]
+    assert checks["int4 AWQ g128 recovers >= 50% of RTN's ppl increase, 90% interval"].startswith(
+        ("met", "missed", "unclear"))
+    text = quantization.summary_text(res)
+    assert "bootstrap" in text and "int8 ppl within 1% of float32: " in text
     rows = quantization.summary_rows(res)
     assert rows and all(set(r) == set(rows[0]) for r in rows)
     quantization.plot(res, {"device": "cpu"})

@@ -44,11 +44,11 @@ SIZES = {
                   decode_batches=[1], context=32, steps=3,
                   quality_model="synthetic:tiny", eval_windows=4, eval_window=64,
                   calib_sequences=4, calib_len=64, quality_methods=None),
-    # a few minutes on a 2-core CPU (quality: 32 of the quick set's held-out windows)
+    # a few minutes on a 2-core CPU (quality: the quick held-out set, ~30k tokens)
     "cpu": dict(kernel_shapes=[], kernel_rows=[1, 16], sweep=False,
                 models=["llmopt-tiny"], model_dtype="float32", formats=["float", "int8", "int4", "w8a8"],
                 decode_batches=[1, 8], context=128, steps=8,
-                quality_model="llmopt-tiny", eval_windows=32, eval_window=None,
+                quality_model="llmopt-tiny", eval_windows=None, eval_window=None,
                 calib_sequences=64, calib_len=256, quality_methods=None),
     # an H100/H200
     "gpu": dict(kernel_shapes=SHAPES, kernel_rows=[1, 16], sweep=True,
@@ -336,7 +336,7 @@ def _quality_rows(base, methods, ids, lengths, calib, progress=None, tag: str = 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             q = quantize(base, method, copy=True, **kw)
-            res = compare_quality(base, q, ids, lengths)
+            res = compare_quality(base, q, ids, lengths, per_window=True)
         bd = bytes_breakdown(q)
         res.update(label=label, method=method, options=dict(opts), bytes=sum(bd.values()),
                    linear_bytes=bd["linear"] + bd["quant_params"],
@@ -350,15 +350,39 @@ def _quality_rows(base, methods, ids, lengths, calib, progress=None, tag: str = 
 
 
 def _recovery(rows: list[dict]) -> None:
-    """Add to GPTQ/AWQ rows the share of RTN's damage (same group size) they undo:
-    in perplexity (noisy when RTN's increase is tiny) and in KL (steadier)."""
+    """Add to every row a 90% bootstrap interval of its perplexity change
+    (windows resampled, paired across models), and to GPTQ/AWQ rows the share
+    of RTN's damage (same group size) they undo: in perplexity, with its
+    interval (wide when RTN's increase is small), and in KL (steadier).
+    Drops the per-window sums afterwards."""
+    from ..metrics import ppl_delta_interval, recovery_interval
+
+    for r in rows:
+        w = r["windows"]
+        r["ppl_delta_pct_ci90"] = list(ppl_delta_interval(w["nll_ref"], w["nll"], w["tokens"]))
     rtn = {r["options"].get("group_size"): r for r in rows if r["method"] == "int4"}
     for r in rows:
         base = rtn.get(r["options"].get("group_size"))
         if base is not None and r["method"] in ("gptq", "awq"):
             lost = base["ppl"] - base["ppl_ref"]
             r["recovered"] = (base["ppl"] - r["ppl"]) / lost if lost > 0 else float("nan")
+            r["recovered_ci90"] = list(recovery_interval(
+                r["windows"]["nll_ref"], base["windows"]["nll"], r["windows"]["nll"],
+                r["windows"]["tokens"]))
             r["recovered_kl"] = 1.0 - r["kl"] / base["kl"] if base["kl"] > 0 else float("nan")
+    for r in rows:
+        del r["windows"]
+
+
+def verdict(value: float, interval, target: float) -> str:
+    """'met' / 'missed' when the whole interval is on one side of the target,
+    else 'unclear (the point estimate says met|missed)'."""
+    lo, hi = interval
+    if lo >= target:
+        return "met"
+    if hi < target:
+        return "missed"
+    return f"unclear (point estimate {'met' if value >= target else 'missed'})"
 
 
 def measure_quality(p: dict, device, progress=None) -> dict:
@@ -393,6 +417,8 @@ def measure_quality(p: dict, device, progress=None) -> dict:
     for lab in ("int4 GPTQ g128", "int4 AWQ g128"):
         if lab in by and "recovered" in by[lab]:
             checks[f"{lab} recovers >= 50% of RTN's ppl increase"] = bool(by[lab]["recovered"] >= 0.5)
+            checks[f"{lab} recovers >= 50% of RTN's ppl increase, 90% interval"] = verdict(
+                by[lab]["recovered"], by[lab]["recovered_ci90"], 0.5)
             checks[f"{lab} recovers >= 50% of RTN's KL"] = bool(by[lab]["recovered_kl"] >= 0.5)
     return dict(model=name, note=note, data=data_note, eval_tokens=rows[-1].get("tokens"),
                 calibration_tokens=sum(b.numel() for b in calib), rows=rows, checks=checks,
@@ -460,11 +486,29 @@ def summary_rows(result: dict) -> list[dict]:
                      "value": r.get("ppl"), "unit": "ppl", "vs base": None,
                      "note": (f"{r['ppl_delta_pct']:+.2f}% KL {r['kl']:.4f} top1 {r['top1']:.3f}"
                               if "kl" in r else "")
+                             + (" [{:+.2f}, {:+.2f}]".format(*r["ppl_delta_pct_ci90"])
+                                if "ppl_delta_pct_ci90" in r else "")
                              + (f" recovered {100 * r['recovered']:.0f}%" if "recovered" in r
                                 and not math.isnan(r["recovered"]) else "")
+                             + (" [{:.0f}, {:.0f}]%".format(*(100 * v for v in r["recovered_ci90"]))
+                                if "recovered_ci90" in r else "")
                              + (f" (KL {100 * r['recovered_kl']:.0f}%)" if "recovered_kl" in r
                                 and not math.isnan(r["recovered_kl"]) else "")})
     return rows
+
+
+def summary_text(result: dict) -> str:
+    """The quality targets in words: each check, and the noise behind the
+    perplexity figures (90% bootstrap intervals over the scored windows)."""
+    q = result.get("quality", {})
+    if not q:
+        return ""
+    lines = [f"quality on {q['model']} ({q.get('eval_tokens')} held-out tokens; intervals: 90% "
+             "bootstrap over windows):"]
+    for name, value in q.get("checks", {}).items():
+        shown = ("yes" if value else "NO") if isinstance(value, bool) else value
+        lines.append(f"  {name}: {shown}")
+    return "\n".join(lines)
 
 
 def plot(result: dict, provenance: dict):

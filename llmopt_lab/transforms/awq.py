@@ -40,7 +40,11 @@ from .calibration import LinearGroup, as_batches, collect_input_stats, decoder_g
 from .quantize import (Int4Linear, Int4Weight, QuantizationError, check_group_size, quantize_int4,
                        replace_module)
 
-CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 down to 0.5
+#: clipping ratios tried per (output channel, group): 1.0 down to 0.5 in steps of
+#: 0.025. Half the step of the reference implementation's grid: on llmopt-tiny's
+#: *validation* split (never the held-out one) it cut AWQ's KL to the float model
+#: from 4.58e-3 to 4.21e-3 nats per token, for twice the (small) clip-search time.
+CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 4) for i in range(21))
 
 
 def _quad_error(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:

@@ -804,7 +804,8 @@ def bytes_breakdown(model: nn.Module) -> dict[str, int]:
 
 @torch.no_grad()
 def compare_quality(reference_model: nn.Module, model: nn.Module, evalset_ids: torch.Tensor,
-                    lengths: torch.Tensor | None = None, batch_size: int = 8) -> dict:
+                    lengths: torch.Tensor | None = None, batch_size: int = 8,
+                    per_window: bool = False) -> dict:
     """Teacher-forced quality of ``model`` against ``reference_model`` on the
     same windows.
 
@@ -813,39 +814,42 @@ def compare_quality(reference_model: nn.Module, model: nn.Module, evalset_ids: t
     is scored given the ones before it (as :func:`llmopt_lab.data.evaluate_nll`).
     Returns dict(ppl_ref, ppl, ppl_delta_pct (100 * (ppl / ppl_ref - 1)),
     kl (mean KL(P_ref || P) per scored token, nats), top1 (fraction of scored
-    positions where both models' argmax agree), tokens (scored)). Both models
-    run on their own device; logits are compared in float32 on the CPU.
+    positions where both models' argmax agree), tokens (scored)). With
+    ``per_window``, also ``windows``: dict of (N,) lists nll_ref, nll, kl
+    (sums over each window's scored tokens, nats) and tokens, for
+    :func:`llmopt_lab.metrics.ppl_delta_interval` and friends. Both models run
+    on their own device; logits are compared in float32 on the CPU.
     """
-    from ..metrics import token_nll
-
     ids_all = evalset_ids
     N, W = ids_all.shape
     if lengths is None:
         lengths = torch.full((N,), W, dtype=torch.long)
-    nll_ref = nll = kl_sum = agree = 0.0
-    count = 0
+    sums = {k: [] for k in ("nll_ref", "nll", "kl", "agree", "tokens")}
     for start in range(0, N, batch_size):
         ids = ids_all[start:start + batch_size]
         lens = lengths[start:start + batch_size].cpu()
-        ref_logits = reference_model(ids.to(reference_model.device)).float().cpu()[:, :-1]
-        logits = model(ids.to(model.device)).float().cpu()[:, :-1]
-        targets = ids[:, 1:].cpu()
-        mask = torch.arange(1, W)[None, :] < lens[:, None]  # (B, W-1) real targets
-        a, n = token_nll(ref_logits, targets, mask)
-        b, _ = token_nll(logits, targets, mask)
-        nll_ref += a
-        nll += b
-        ref_logp = torch.log_softmax(ref_logits, -1)
-        logp = torch.log_softmax(logits, -1)
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # (B, W-1)
-        kl_sum += float(kl[mask].sum())
-        agree += float((ref_logits.argmax(-1) == logits.argmax(-1))[mask].sum())
-        count += n
+        ref_logp = torch.log_softmax(
+            reference_model(ids.to(reference_model.device)).float().cpu()[:, :-1], -1)
+        logp = torch.log_softmax(model(ids.to(model.device)).float().cpu()[:, :-1], -1)
+        targets = ids[:, 1:].cpu()[..., None]
+        mask = (torch.arange(1, W)[None, :] < lens[:, None]).double()  # (B, W-1) real targets
+        per_token = {"nll_ref": -ref_logp.gather(-1, targets)[..., 0],
+                     "nll": -logp.gather(-1, targets)[..., 0],
+                     "kl": (ref_logp.exp() * (ref_logp - logp)).sum(-1),
+                     "agree": ref_logp.argmax(-1) == logp.argmax(-1)}
+        for k, v in per_token.items():
+            sums[k] += (v.double() * mask).sum(1).tolist()
+        sums["tokens"] += mask.sum(1).long().tolist()
+    count = sum(sums["tokens"])
     if count == 0:
         raise QuantizationError("compare_quality: the windows score no tokens")
+    nll_ref, nll = sum(sums["nll_ref"]), sum(sums["nll"])
     ppl_ref, ppl = math.exp(nll_ref / count), math.exp(nll / count)
-    return dict(ppl_ref=ppl_ref, ppl=ppl, ppl_delta_pct=100.0 * (ppl / ppl_ref - 1.0),
-                kl=kl_sum / count, top1=agree / count, tokens=count)
+    out = dict(ppl_ref=ppl_ref, ppl=ppl, ppl_delta_pct=100.0 * math.expm1((nll - nll_ref) / count),
+               kl=sum(sums["kl"]) / count, top1=sum(sums["agree"]) / count, tokens=count)
+    if per_window:
+        out["windows"] = {k: sums[k] for k in ("nll_ref", "nll", "kl", "tokens")}
+    return out
 
 
 def layer_output_error(weight: torch.Tensor, approx_weight: torch.Tensor, x: torch.Tensor) -> float:
