@@ -512,7 +512,8 @@ def summary_text(result: dict) -> str:
 
 
 def plot(result: dict, provenance: dict):
-    """Kernel speed-ups over bf16 (a GPU), else quality (perplexity increase) per method."""
+    """Kernel speed-ups over bf16 (a GPU), else quality (perplexity increase
+    per method, with its 90% interval where the result has one)."""
     from .. import plots
 
     kern = [r for r in result.get("kernels", []) if "sweep" not in r and r["kind"] != "bf16"]
@@ -526,7 +527,13 @@ def plot(result: dict, provenance: dict):
     rows = [r for r in result["quality"]["rows"] if r["method"] != "none"]
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    ax.bar(range(len(rows)), [r["ppl_delta_pct"] for r in rows], color="tab:blue")
+    vals = [r["ppl_delta_pct"] for r in rows]
+    ci = [r.get("ppl_delta_pct_ci90", (v, v)) for r, v in zip(rows, vals)]
+    ax.bar(range(len(rows)), vals, color="tab:blue",
+           yerr=[[v - lo for v, (lo, _) in zip(vals, ci)], [hi - v for v, (_, hi) in zip(vals, ci)]],
+           capsize=3, ecolor="0.3")
+    ax.text(0.99, 0.97, "whiskers: 90% bootstrap interval over the scored windows",
+            transform=ax.transAxes, ha="right", va="top", fontsize=8, color="0.3")
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("perplexity increase over float32 (%)")
     ax.set_title(f"Quantization quality on {result['quality']['model']}")
