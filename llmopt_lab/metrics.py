@@ -118,6 +118,22 @@ def recovery_interval(nll_ref: Sequence[float], nll_base: Sequence[float], nll: 
     return bootstrap_interval(stat, len(n), samples, level, seed)
 
 
+def speedup_interval(base_seconds: Sequence[float], base_tokens: Sequence[int],
+                     seconds: Sequence[float], tokens: Sequence[int], samples: int = 2000,
+                     level: float = 0.9, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of a throughput ratio measured on the same N items
+    (prompts): ``(sum tokens / sum seconds) / (sum base_tokens / sum
+    base_seconds)``, items resampled in pairs. Each argument is (N,): the
+    seconds and tokens of one item under the method and under the baseline.
+    It covers how the speed-up varies from prompt to prompt (and the timing
+    noise within one run), not a drift of the machine between runs."""
+    bs, bt, s, t = (torch.as_tensor(v, dtype=torch.float64) for v in
+                    (base_seconds, base_tokens, seconds, tokens))
+    return bootstrap_interval(
+        lambda i: (t[i].sum(-1) / s[i].sum(-1)) / (bt[i].sum(-1) / bs[i].sum(-1)),
+        len(t), samples, level, seed)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0-100) with linear interpolation; NaN when empty."""
     if len(values) == 0:

@@ -45,6 +45,12 @@ def test_tour_quick_writes_results_and_plot(tmp_path, capsys):
     # float32: lossless means the same tokens as plain greedy decoding
     assert all(r["identical_to_plain"] == 1.0 for r in draft_rows if r["mode"] == "greedy")
     assert all(r["verify_cost"] > 0 and r["draft_cost"] > 0 for r in draft_rows)
+    for r in spec["rows"]:  # an interval over the prompts around every speed-up but plain's
+        if r["method"] == "plain":
+            assert "speedup_ci90" not in r
+        else:
+            lo, hi = r["speedup_ci90"]
+            assert 0 < lo <= r["speedup"] <= hi
 
 
 def test_bench_show_redraws_a_stored_result(tmp_path, capsys):

@@ -6,7 +6,9 @@ greedy and sampled, on llmopt-tiny with llmopt-tiny-draft (held-out code as
 prompts). Both sides use the same decode path (the static cache) and the
 same dtype: bfloat16 where the hardware computes it natively, else float32.
 Methods run interleaved, prompt by prompt, so that drift in the machine's
-speed hits all of them alike.
+speed hits all of them alike; ``speedup_ci90`` is a 90% bootstrap interval of
+the speed-up over the prompts (resampled in pairs with plain decoding's times),
+which shows how much of it depends on the prompts drawn.
 
 Besides the speed-up, each row explains it: ``alpha`` (per-proposal
 acceptance), ``tokens_per_step``, and the measured costs inside the loop, in
@@ -30,6 +32,7 @@ import torch
 
 from .. import bench
 from ..generate import generate
+from ..metrics import speedup_interval
 from ..speculative import SpecStats, expected_speedup, speculative_generate
 from ..weights import ZOO, load_model
 
@@ -105,8 +108,8 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
     cost_ratio = t_draft / t_target
     rows = []
     for mode, temp in modes:
-        time_s = {c: 0.0 for c in configs}
-        made = {c: 0 for c in configs}
+        time_s = {c: [] for c in configs}  # per prompt
+        made = {c: [] for c in configs}
         stats = {c: [] for c in configs}
         same = {c: 0 for c in configs}  # prompts whose tokens equal plain decoding's
         gaps = {c: [] for c in configs}  # where they differ: how close the tie was
@@ -121,26 +124,30 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
                     out, dt = _timed(lambda: generate(target, [prompt], n, temperature=temp,
                                                       seed=i, ignore_eos=True,
                                                       return_logits=mode == "greedy"))
-                    made[cfg] += n
+                    made[cfg].append(n)
                     plain_tokens[i] = out.tolist()[0]
                     plain_logits[i] = out.logits
                 else:
                     out, dt = _timed(lambda: speculative_generate(
                         target, draft if kind == "draft" else None, [prompt], n, k=k,
                         temperature=temp, seed=i, ignore_eos=True))
-                    made[cfg] += len(out.tokens)
+                    made[cfg].append(len(out.tokens))
                     stats[cfg].append(out.stats)
                     same[cfg] += out.tokens == plain_tokens[i]
                     if mode == "greedy" and out.tokens != plain_tokens[i]:
                         gaps[cfg].append(_tie_gap(plain_logits[i][0], plain_tokens[i], out.tokens,
                                                   target.dtype))
-                time_s[cfg] += dt
-        plain_s_per_token = time_s[("plain", None)] / made[("plain", None)]
+                time_s[cfg].append(dt)
+        plain = ("plain", None)
+        plain_s_per_token = sum(time_s[plain]) / sum(made[plain])
         for cfg in configs:
             kind, k = cfg
-            tps = made[cfg] / time_s[cfg]
+            tps = sum(made[cfg]) / sum(time_s[cfg])
             row = dict(mode=mode, method=kind, k=k, tokens_per_s=tps,
                        speedup=tps * plain_s_per_token)
+            if cfg != plain and len(prompts) > 1:  # prompts resampled in pairs with plain's
+                row["speedup_ci90"] = list(speedup_interval(time_s[plain], made[plain],
+                                                            time_s[cfg], made[cfg]))
             if stats[cfg]:
                 st = SpecStats.combine(stats[cfg])
                 if mode == "greedy":  # lossless: the same tokens (near-ties aside in 16 bits)
@@ -155,7 +162,7 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
                            # one verification pass over k+1 tokens, in plain decode steps
                            verify_cost=st.target_time_s / st.steps / plain_s_per_token)
                 # per step, the rest: proposing by lookup, acceptance, rollback, Python
-                rest = time_s[cfg] - st.prefill_time_s - st.target_time_s - st.draft_time_s
+                rest = sum(time_s[cfg]) - st.prefill_time_s - st.target_time_s - st.draft_time_s
                 row["other_cost"] = rest / st.steps / plain_s_per_token
                 draft_cost = 0.0
                 if kind == "draft":
@@ -178,6 +185,8 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
 def summary_rows(result: dict) -> list[dict]:
     return [{"mode": r["mode"], "method": r["method"], "k": r["k"] or "-",
              "tokens/s": r["tokens_per_s"], "speed-up": r["speedup"],
+             "90% interval": ("[{:.2f}, {:.2f}]".format(*r["speedup_ci90"])
+                              if "speedup_ci90" in r else None),
              "same": r.get("identical_to_plain"), "tie gap (ulp)": r.get("divergence_gap_ulps"),
              "accept": r.get("acceptance_rate"), "alpha": r.get("alpha"),
              "tok/step": r.get("tokens_per_step"), "verify cost": r.get("verify_cost"),
