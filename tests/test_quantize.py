@@ -266,6 +266,21 @@ def test_quality_verdict():
     assert verdict(0.3, (0.1, 0.45), 0.5) == "missed"
     assert verdict(0.4, (0.2, 0.6), 0.5) == "unclear (point estimate missed)"
     assert verdict(0.6, (0.2, 0.8), 0.5) == "unclear (point estimate met)"
+    assert verdict(float("nan"), (float("nan"), float("nan")), 0.5) == "undefined"
+
+
+def test_recovery_is_undefined_when_rtn_lost_nothing():
+    from llmopt_lab.benchmarks.quantization import _recovery
+
+    win = lambda nll: dict(nll_ref=[10.0, 12.0], nll=nll, kl=[0.1, 0.1], tokens=[5, 5])
+    rows = [dict(method="int4", options=dict(group_size=128), ppl=2.0, ppl_ref=2.0, kl=0.02,
+                 windows=win([10.0, 12.0])),
+            dict(method="awq", options=dict(group_size=128), ppl=1.9, ppl_ref=2.0, kl=0.01,
+                 windows=win([9.5, 12.0]))]
+    _recovery(rows)
+    assert math.isnan(rows[1]["recovered"]) and all(math.isnan(v) for v in rows[1]["recovered_ci90"])
+    assert rows[1]["recovered_kl"] == pytest.approx(0.5) and "windows" not in rows[0]
+    assert rows[0]["ppl_delta_pct_ci90"] == [0.0, 0.0]
 
 
 def test_quantize_errors(tiny, calib):

@@ -365,10 +365,13 @@ def _recovery(rows: list[dict]) -> None:
         base = rtn.get(r["options"].get("group_size"))
         if base is not None and r["method"] in ("gptq", "awq"):
             lost = base["ppl"] - base["ppl_ref"]
-            r["recovered"] = (base["ppl"] - r["ppl"]) / lost if lost > 0 else float("nan")
-            r["recovered_ci90"] = list(recovery_interval(
-                r["windows"]["nll_ref"], base["windows"]["nll"], r["windows"]["nll"],
-                r["windows"]["tokens"]))
+            if lost > 0:
+                r["recovered"] = (base["ppl"] - r["ppl"]) / lost
+                r["recovered_ci90"] = list(recovery_interval(
+                    r["windows"]["nll_ref"], base["windows"]["nll"], r["windows"]["nll"],
+                    r["windows"]["tokens"]))
+            else:  # RTN lost nothing here: there is nothing to recover
+                r["recovered"], r["recovered_ci90"] = float("nan"), [float("nan")] * 2
             r["recovered_kl"] = 1.0 - r["kl"] / base["kl"] if base["kl"] > 0 else float("nan")
     for r in rows:
         del r["windows"]
@@ -376,8 +379,11 @@ def _recovery(rows: list[dict]) -> None:
 
 def verdict(value: float, interval, target: float) -> str:
     """'met' / 'missed' when the whole interval is on one side of the target,
-    else 'unclear (the point estimate says met|missed)'."""
+    else 'unclear (the point estimate says met|missed)'; 'undefined' for a NaN
+    value (e.g. a recovery where the baseline lost nothing)."""
     lo, hi = interval
+    if math.isnan(value):
+        return "undefined"
     if lo >= target:
         return "met"
     if hi < target:
@@ -491,7 +497,7 @@ def summary_rows(result: dict) -> list[dict]:
                              + (f" recovered {100 * r['recovered']:.0f}%" if "recovered" in r
                                 and not math.isnan(r["recovered"]) else "")
                              + (" [{:.0f}, {:.0f}]%".format(*(100 * v for v in r["recovered_ci90"]))
-                                if "recovered_ci90" in r else "")
+                                if "recovered_ci90" in r and not math.isnan(r["recovered"]) else "")
                              + (f" (KL {100 * r['recovered_kl']:.0f}%)" if "recovered_kl" in r
                                 and not math.isnan(r["recovered_kl"]) else "")})
     return rows
