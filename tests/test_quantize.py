@@ -459,7 +459,7 @@ def test_benchmark_quick_runs_on_cpu():
     assert len(gptq["recovered_ci90"]) == 2
     checks = res["quality"]["checks"]
     assert checks["int4 AWQ g128 recovers >= 50% of RTN's ppl increase, 90% interval"].startswith(
-        ("met", "missed", "unclear"))
+        ("met", "missed", "unclear", "undefined"))  # random tokens: RTN may lose nothing
     text = quantization.summary_text(res)
     assert "bootstrap" in text and "int8 ppl within 1% of float32: " in text
     rows = quantization.summary_rows(res)
