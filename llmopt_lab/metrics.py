@@ -17,6 +17,13 @@ import torch
 import torch.nn.functional as F
 
 
+def position_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood (nats) of each target: logits (..., V) predicting
+    targets (...) int64 (already shifted); returns (...) float32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           reduction="none").view(targets.shape)
+
+
 def token_nll(logits: torch.Tensor, targets: torch.Tensor,
               mask: torch.Tensor | None = None) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and the number of scored tokens.
@@ -24,11 +31,9 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor,
     logits: (B, T, V) predicting targets (B, T) int64 (already shifted: logits
     at t predict targets at t); mask: (B, T) bool, True = score this token.
     """
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                          reduction="none")
+    nll = position_nll(logits, targets)
     if mask is not None:
-        m = mask.reshape(-1)
-        return float(nll[m].sum()), int(m.sum())
+        return float(nll[mask].sum()), int(mask.sum())
     return float(nll.sum()), int(nll.numel())
 
 
@@ -39,15 +44,21 @@ def perplexity_from_nll(total_nll: float, count: int) -> float:
     return math.exp(total_nll / count)
 
 
+def position_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(P_ref || P) in nats at each position, P = softmax(logits):
+    ref_logits, logits (..., V); returns (...) float32."""
+    ref_logp = F.log_softmax(ref_logits.float(), -1)
+    logp = F.log_softmax(logits.float(), -1)
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+
+
 def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor,
                   mask: torch.Tensor | None = None) -> float:
     """Mean KL(P_ref || P) in nats over positions, where P = softmax(logits).
 
     ref_logits, logits: (..., V); mask: (...) bool of positions to average.
     """
-    ref_logp = F.log_softmax(ref_logits.float(), -1)
-    logp = F.log_softmax(logits.float(), -1)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # (...)
+    kl = position_kl(ref_logits, logits)
     if mask is not None:
         kl = kl[mask]
     return float(kl.mean())

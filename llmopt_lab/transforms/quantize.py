@@ -820,6 +820,8 @@ def compare_quality(reference_model: nn.Module, model: nn.Module, evalset_ids: t
     :func:`llmopt_lab.metrics.ppl_delta_interval` and friends. Both models run
     on their own device; logits are compared in float32 on the CPU.
     """
+    from ..metrics import position_kl, position_nll
+
     ids_all = evalset_ids
     N, W = ids_all.shape
     if lengths is None:
@@ -828,15 +830,14 @@ def compare_quality(reference_model: nn.Module, model: nn.Module, evalset_ids: t
     for start in range(0, N, batch_size):
         ids = ids_all[start:start + batch_size]
         lens = lengths[start:start + batch_size].cpu()
-        ref_logp = torch.log_softmax(
-            reference_model(ids.to(reference_model.device)).float().cpu()[:, :-1], -1)
-        logp = torch.log_softmax(model(ids.to(model.device)).float().cpu()[:, :-1], -1)
-        targets = ids[:, 1:].cpu()[..., None]
+        ref_logits = reference_model(ids.to(reference_model.device)).float().cpu()[:, :-1]
+        logits = model(ids.to(model.device)).float().cpu()[:, :-1]
+        targets = ids[:, 1:].cpu()
         mask = (torch.arange(1, W)[None, :] < lens[:, None]).double()  # (B, W-1) real targets
-        per_token = {"nll_ref": -ref_logp.gather(-1, targets)[..., 0],
-                     "nll": -logp.gather(-1, targets)[..., 0],
-                     "kl": (ref_logp.exp() * (ref_logp - logp)).sum(-1),
-                     "agree": ref_logp.argmax(-1) == logp.argmax(-1)}
+        per_token = {"nll_ref": position_nll(ref_logits, targets),
+                     "nll": position_nll(logits, targets),
+                     "kl": position_kl(ref_logits, logits),
+                     "agree": ref_logits.argmax(-1) == logits.argmax(-1)}
         for k, v in per_token.items():
             sums[k] += (v.double() * mask).sum(1).tolist()
         sums["tokens"] += mask.sum(1).long().tolist()
