@@ -113,20 +113,21 @@ def ppl_delta_interval(nll_ref: Sequence[float], nll: Sequence[float], tokens: S
         len(n), samples, level, seed)
 
 
+def recovery(ppl_ref, ppl_base, ppl):
+    """The share of a baseline's perplexity increase that a method undoes,
+    ``(ppl_base - ppl) / (ppl_base - ppl_ref)``: 1 = all of it, 0 = none,
+    < 0 = worse than the baseline. Floats or tensors (elementwise)."""
+    return (ppl_base - ppl) / (ppl_base - ppl_ref)
+
+
 def recovery_interval(nll_ref: Sequence[float], nll_base: Sequence[float], nll: Sequence[float],
                       tokens: Sequence[int], samples: int = 2000, level: float = 0.9,
                       seed: int = 0) -> tuple[float, float]:
-    """Bootstrap interval of the share of a baseline's perplexity increase that
-    a method undoes, ``(ppl_base - ppl) / (ppl_base - ppl_ref)`` (1 = all of
-    it, 0 = none, < 0 = worse than the baseline), all three models scored on
-    the same windows (per-window summed NLL, (N,) each; tokens (N,))."""
+    """Bootstrap interval of :func:`recovery`, all three models scored on the
+    same windows (per-window summed NLL, (N,) each; tokens (N,))."""
     a, base, b, n = (torch.as_tensor(v, dtype=torch.float64) for v in (nll_ref, nll_base, nll, tokens))
-
-    def stat(i):
-        p_ref, p_base, p = (torch.exp(_mean_nll(x, n, i)) for x in (a, base, b))
-        return (p_base - p) / (p_base - p_ref)
-
-    return bootstrap_interval(stat, len(n), samples, level, seed)
+    return bootstrap_interval(lambda i: recovery(*(torch.exp(_mean_nll(x, n, i)) for x in (a, base, b))),
+                              len(n), samples, level, seed)
 
 
 def speedup_interval(base_seconds: Sequence[float], base_tokens: Sequence[int],

@@ -355,7 +355,7 @@ def _recovery(rows: list[dict]) -> None:
     of RTN's damage (same group size) they undo: in perplexity, with its
     interval (wide when RTN's increase is small), and in KL (steadier).
     Drops the per-window sums afterwards."""
-    from ..metrics import ppl_delta_interval, recovery_interval
+    from ..metrics import ppl_delta_interval, recovery, recovery_interval
 
     for r in rows:
         w = r["windows"]
@@ -366,7 +366,7 @@ def _recovery(rows: list[dict]) -> None:
         if base is not None and r["method"] in ("gptq", "awq"):
             lost = base["ppl"] - base["ppl_ref"]
             if lost > 0:
-                r["recovered"] = (base["ppl"] - r["ppl"]) / lost
+                r["recovered"] = recovery(base["ppl_ref"], base["ppl"], r["ppl"])
                 r["recovered_ci90"] = list(recovery_interval(
                     r["windows"]["nll_ref"], base["windows"]["nll"], r["windows"]["nll"],
                     r["windows"]["tokens"]))
