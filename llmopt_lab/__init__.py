@@ -7,15 +7,17 @@ Quick use::
     out = generate(model, tok("def add(a, b):", return_tensors="pt").input_ids, 32)
 """
 
+from .cache import KVPool, StaticCache
 from .config import ModelConfig, preset
 from .errors import LlmoptError
-from .generate import Generation, decode_one_token, generate, prefill
-from .kv_cache import StaticCache
+from .generate import Generation, decode_one_token, generate, prefill, run_step
 from .model import Transformer
+from .sampling import SamplingParams
+from .step import Step
 from .weights import ZOO, load_model, save_model
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "preset", "LlmoptError", "Generation", "decode_one_token", "generate",
-           "prefill", "StaticCache", "Transformer", "ZOO", "load_model", "save_model",
-           "__version__"]
+__all__ = ["KVPool", "StaticCache", "ModelConfig", "preset", "LlmoptError", "Generation",
+           "decode_one_token", "generate", "prefill", "run_step", "Transformer", "SamplingParams",
+           "Step", "ZOO", "load_model", "save_model", "__version__"]

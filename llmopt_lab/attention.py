@@ -11,6 +11,13 @@ sliding window). When queries are fewer than keys (decode, chunked prefill,
 verifying draft tokens) this rule aligns the mask bottom-right, which torch
 SDPA's ``is_causal=True`` does not (it aligns top-left): we never use it with a
 cache.
+
+Cached forwards are described by a :class:`~llmopt_lab.step.Step` (packed
+tokens of several sequences). :class:`StepView` derives, once per forward,
+what every layer needs from it: where each token's key goes, and how the
+packed queries map onto a (sequences, queries) rectangle with an
+:class:`AttentionMeta`, so that every attention function below serves steps
+that mix prefill chunks, decode tokens and draft verification.
 """
 
 from __future__ import annotations
@@ -139,6 +146,66 @@ ATTENTION_FUNCTIONS: dict[str, Callable] = {
     "naive": naive_attention,
     "flash": flash_attention_fn,
 }
+
+
+class StepView:
+    """What the layers of one forward need from a step, computed once.
+
+    ``where``: (block, offset) of each token's slot, each (N,) int64;
+    ``meta``: the :class:`AttentionMeta` of the queries laid out as
+    (S, max_queries) against each sequence's L keys in position order;
+    :meth:`unpack` / :meth:`pack` move queries and outputs between the packed
+    (N, H, D) layout and the (S, H, max_queries, D) rectangle (a view when
+    every sequence has the same number of queries; padded rows otherwise,
+    computed and dropped).
+    """
+
+    def __init__(self, step, keys_len: int):
+        self.step = step
+        S, T = step.num_seqs, step.max_queries
+        dev = step.positions.device
+        bs = step.block_size
+        self.where = (step.slots // bs, step.slots % bs)
+        if step.uniform:
+            self._index = None
+            q_pos = step.positions.view(S, T)
+        else:  # (sequence, query number) of each packed token, from the host counts
+            seq = torch.repeat_interleave(torch.arange(S), torch.tensor(step.num_queries))
+            off = torch.cat([torch.arange(n) for n in step.num_queries])
+            self._index = (seq.to(dev), off.to(dev))
+            q_pos = step.positions.new_zeros(S, T).index_put_(self._index, step.positions)
+        k_pos = torch.arange(keys_len, device=dev).expand(S, keys_len)
+        k_valid = k_pos < step.context_lens[:, None]  # (S, L)
+        # queries of a sequence are consecutive positions from its first one;
+        # keys sit at positions 0..L-1: the layout the flash kernels take
+        self.meta = AttentionMeta(q_pos=q_pos, k_pos=k_pos, k_valid=k_valid,
+                                  ranges=(q_pos[:, 0], step.context_lens))
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, D) packed -> (S, H, max_queries, D)."""
+        S, T = self.step.num_seqs, self.step.max_queries
+        if self._index is None:
+            return x.view(S, T, *x.shape[1:]).transpose(1, 2)
+        out = x.new_zeros(S, T, *x.shape[1:])
+        out[self._index] = x
+        return out.transpose(1, 2)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(S, H, max_queries, D) -> (N, H, D) packed."""
+        x = x.transpose(1, 2)  # (S, T, H, D)
+        if self._index is None:
+            return x.reshape(-1, *x.shape[2:])
+        return x[self._index]
+
+
+def attend(attn_fn: Callable, q: torch.Tensor, kv, layer: int, view: StepView,
+           window: int | None, scale: float) -> torch.Tensor:
+    """Attention of a step's packed queries q (N, Hq, D) over each sequence's
+    keys in the KV storage ``kv`` (already holding this step's keys), with any
+    attention function of the signature above. Returns (N, Hq, D)."""
+    k, v = kv.read(layer, view.step)  # (S, Hkv, L, D) each
+    out = attn_fn(view.unpack(q), k, v, view.meta, window, scale)  # (S, Hq, T, D)
+    return view.pack(out)
 
 
 def get_attention(name_or_fn: str | Callable) -> Callable:

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("llmopt_lab.commands.generate", "complete a prompt with a model (zoo name, folder or hub id)"),
     "tour": ("llmopt_lab.commands.tour", "run every lesson's benchmark at a size that fits this device"),
     "bench": ("llmopt_lab.commands.bench", "run one lesson's benchmark (GPU-scale sizes available)"),
-    "exercises": ("llmopt_lab.exercises", "build exercises/ from solutions/ (or check they are current)"),
+    "exercises": ("llmopt_lab.course.exercises", "build exercises/ from solutions/ (or check they are current)"),
     "train-zoo": ("llmopt_lab.zoo.train", "train the built-in models (llmopt-tiny, llmopt-tiny-draft)"),
 }
 

@@ -46,7 +46,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .errors import LlmoptError
-from .metrics import perplexity_from_nll, token_nll
+from .measure.metrics import perplexity_from_nll, token_nll
 
 
 class CorpusError(LlmoptError, ValueError):

@@ -29,3 +29,18 @@ class CacheError(LlmoptError, ValueError):
 
 class GenerationError(LlmoptError, ValueError):
     """Bad arguments to generation (lengths, sampling parameters)."""
+
+
+class TransformError(LlmoptError, ValueError):
+    """A model transform (quantization, pruning, ...) that cannot be applied to
+    this model: a module name that does not exist, a model without decoder blocks."""
+
+
+class QuantizationError(TransformError):
+    """A quantization request the library cannot honour: unknown method or
+    option, unsupported group size, a layer shape a format cannot take, a
+    missing calibration set, a device without the needed feature."""
+
+
+class TrainingError(LlmoptError, ValueError):
+    """Bad training settings or arguments (steps, precision for the device, checkpoint)."""

@@ -5,13 +5,21 @@ Two paths produce the same tokens:
 * ``use_cache=False``: every step runs the model over the whole prefix again.
   Quadratic, slow, obviously right: the reference each speed-up is checked
   against.
-* ``use_cache=True``: :func:`prefill` writes the prompt's keys and values into
-  a :class:`~llmopt_lab.kv_cache.StaticCache` and returns the first logits;
-  :func:`decode_one_token` then feeds one token per sequence per step, with
-  fixed shapes. Each phase can be timed, compiled or graphed on its own.
+* ``use_cache=True``: steps (:class:`~llmopt_lab.step.Step`) run through
+  :func:`run_step`: one prefill step packs every prompt (no padding computed
+  in the linear layers) and writes their keys and values into the KV storage;
+  then each decode step feeds one token per sequence, advanced in place in
+  preallocated buffers (the same tensors every step: what a CUDA graph
+  replays). Speculative decoding (:mod:`llmopt_lab.speculative`) and a
+  batching engine run the same step function.
 
-Prompts of different lengths are right-padded; every sequence keeps its own
-length and positions (no left padding).
+Every sequence keeps its own length, positions and sampling parameters
+(:class:`~llmopt_lab.sampling.SamplingParams`: rows with different
+temperatures and seeds share a batch, each drawing from its own random stream).
+
+:func:`prefill` and :func:`decode_one_token` are the rectangular versions for
+running steps by hand with a lesson-02 cache (right-padded prompts, the cache
+keeping each sequence's length).
 """
 
 from __future__ import annotations
@@ -21,9 +29,10 @@ from typing import Sequence
 
 import torch
 
+from .cache import make_cache
 from .errors import GenerationError
-from .kv_cache import make_cache
-from .sampling import check_sampling_args, sample
+from .sampling import SamplingParams, sample_rows
+from .step import StepBuffers, host_step, run_step  # noqa: F401 (run_step: one of the step functions)
 
 
 @dataclass
@@ -74,7 +83,8 @@ def pad_prompts(prompts, device=None, pad_id: int = 0) -> tuple[torch.Tensor, to
 
 @torch.inference_mode()
 def prefill(model, input_ids: torch.Tensor, lengths: torch.Tensor, cache) -> torch.Tensor:
-    """Run the prompts through the model, filling ``cache`` from position 0.
+    """Run right-padded prompts through the model, filling a lesson-02 ``cache``
+    from position 0.
 
     input_ids: (B, T) right-padded; lengths: (B,) real tokens per row.
     Returns the logits after each prompt's last real token, (B, V) float32.
@@ -88,98 +98,170 @@ def prefill(model, input_ids: torch.Tensor, lengths: torch.Tensor, cache) -> tor
 
 @torch.inference_mode()
 def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-    """One decode step: tokens (B,) at positions (B,) -> next logits (B, V) float32.
-
-    Shapes are the same at every step, so the step can be compiled or captured
-    in a CUDA graph.
-    """
+    """One decode step with a lesson-02 cache: tokens (B,) at positions (B,) ->
+    next logits (B, V) float32. Shapes are the same at every step."""
     logits = model(tokens[:, None], positions[:, None], cache=cache)  # (B, 1, V)
     return logits[:, 0].float()
 
 
+def row_params(n: int, params, **defaults) -> list[SamplingParams]:
+    """One SamplingParams per row: ``params`` (one for all or a list of n), or
+    built from ``defaults``; an integer seed s gives row i the seed s + i.
+    Raises GenerationError on a list of the wrong length."""
+    if params is None:
+        seed = defaults.pop("seed", None)
+        return [SamplingParams(**defaults, seed=None if seed is None else seed + i) for i in range(n)]
+    if isinstance(params, SamplingParams):
+        params = [params] * n
+    params = list(params)
+    if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
+        raise GenerationError(f"give one SamplingParams for all prompts or one per prompt "
+                              f"({n}), got {len(params)}")
+    return params
+
+
+def _prompt_lists(input_ids) -> list[list[int]]:
+    ids, lengths = pad_prompts(input_ids)
+    return [row[:n].tolist() for row, n in zip(ids, lengths.tolist())]
+
+
 @torch.inference_mode()
-def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
+def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: bool = True,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
              ignore_eos: bool = False, pad_id: int | None = None, cache=None,
-             return_logits: bool = False) -> Generation:
+             return_logits: bool = False,
+             params: SamplingParams | Sequence[SamplingParams] | None = None,
+             cuda_graph: bool = False) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
     input_ids: (T,), (B, T) or a list of prompts of different lengths.
     temperature 0 is greedy; otherwise sampling with optional top_k / top_p,
-    reproducible for a given ``seed``. Generation of a sequence stops at EOS
-    (the config's ``eos_token_id`` unless given) unless ``ignore_eos``.
-    ``cache``: the kind of cache to create ('static', the default; 'dynamic';
-    'int8'), or an existing empty cache object.
+    reproducible for a given ``seed`` (row i of a batch uses seed + i, so it
+    samples what it would alone with that seed). Generation of a sequence
+    stops at EOS (the config's ``eos_token_id`` unless given) unless
+    ``ignore_eos``. ``params``: instead of those keywords, one
+    :class:`SamplingParams` for all prompts or one per prompt (each row its
+    own temperature, filters, seed, stop ids and max_new_tokens).
+    ``cache``: the kind of KV storage to create ('static', the default;
+    'dynamic'; 'int8'), or a cache object with room for the batch; generate
+    writes from position 0 (an existing cache's content is discarded) and
+    leaves its ``lengths`` at each sequence's final length.
+    ``cuda_graph``: replay the decode steps from a CUDA graph
+    (:class:`llmopt_lab.graphs.GraphedDecoder`; same tokens as eager; raises
+    GraphError without a CUDA GPU or with a dynamic cache).
     Raises GenerationError when prompt + max_new_tokens exceeds the model's
-    context or the cache.
+    context or the cache, or for bad sampling arguments.
     """
     config = model.config
-    check_sampling_args(temperature, top_k, top_p)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    prompts = _prompt_lists(input_ids)
+    B = len(prompts)
+    if params is None:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        stop = None if eos_token_id is None else (
+            (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+        rows = row_params(B, None, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop,
+                          ignore_eos=ignore_eos)
+    else:
+        rows = row_params(B, params)
     device = model.device
-    ids, lengths = pad_prompts(input_ids, device)
-    B, T = ids.shape
-    total = int(lengths.max()) + max_new_tokens
+    limits = [p.max_new_tokens for p in rows]
+    steps = max(limits)
+    lengths = [len(p) for p in prompts]
+    total = max(n + m for n, m in zip(lengths, limits))
     if total > config.max_position_embeddings:
         raise GenerationError(
-            f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+            f"prompt ({max(lengths)} tokens) + max_new_tokens ({steps}) = {total} "
             f"exceeds the model's context of {config.max_position_embeddings} tokens")
-    if eos_token_id is None:
-        eos = config.eos_token_ids
-    else:
-        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if ignore_eos:
-        eos = []
-    pad = pad_id if pad_id is not None else (eos[0] if eos else 0)
-    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
-    gen = None
-    if temperature > 0:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+    stops = [p.stop_ids(config.eos_token_ids) for p in rows]
+    pad = pad_id if pad_id is not None else next((s[0] for s in stops if s), 0)
+    width = max((len(s) for s in stops), default=0)
+    stop_t = torch.tensor([s + [-1] * (width - len(s)) for s in stops], dtype=torch.long,
+                          device=device).view(B, width)  # (B, stops), -1 never matches
+    limit_t = torch.tensor(limits, device=device)
+    ragged_limits = min(limits) != steps
+    greedy = all(p.greedy for p in rows)
+    gens = [p.generator(device) for p in rows]
 
-    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    out = torch.full((B, steps), pad, dtype=torch.long, device=device)
     num = torch.zeros(B, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     all_logits = []
 
+    decoder = None
+    if cuda_graph:
+        from .graphs import GraphedDecoder, GraphError  # only when asked: CUDA graphs are optional
+
+        if not use_cache:
+            raise GraphError("CUDA graphs replay cached decode steps: use_cache must be True")
+        GraphedDecoder.check_device(model)
     if use_cache:
-        if cache is None or isinstance(cache, str):
-            cache = make_cache(cache or "static", config, B, total, device=device, dtype=model.dtype)
-        elif cache.max_len < total:
-            raise GenerationError(f"the cache holds {cache.max_len} tokens but this request needs {total}")
-        logits = prefill(model, ids, lengths, cache)
+        kv = _storage_for(cache, config, B, total, device, model.dtype)
+        if cuda_graph:
+            decoder = GraphedDecoder(model, kv, max_batch=B, buckets=[B])
+        tables = [[i] for i in range(B)]
+        logits = run_step(model, kv, host_step(prompts, [0] * B, tables, kv.block_size,
+                                               contiguous=True).to_step(device))
+        buffers, step = StepBuffers(B, B, 1, device), None
     else:
-        buf = torch.cat([ids, torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)], 1)
-        cur = lengths.clone()
+        ids, lens = pad_prompts(prompts, device)
+        buf = torch.cat([ids, torch.zeros(B, steps, dtype=torch.long, device=device)], 1)
+        cur = lens.clone()
         logits = _full_forward_last(model, buf, cur)
 
-    rows = torch.arange(B, device=device)
-    pos = lengths.clone()  # position of the token about to be fed
-    for step in range(max_new_tokens):
+    rows_idx = torch.arange(B, device=device)
+    for i in range(steps):
         if return_logits:
             all_logits.append(logits)
-        tok = sample(logits, temperature, top_k, top_p, gen)
+        tok = logits.argmax(dim=-1) if greedy else sample_rows(logits, rows, gens)
         tok = torch.where(done, torch.full_like(tok, pad), tok)
-        out[:, step] = tok
+        out[:, i] = tok
         num += (~done).long()
-        if eos:
-            done |= torch.isin(tok, eos_t)
+        if width or ragged_limits:
+            done |= (tok[:, None] == stop_t).any(dim=1) | (num >= limit_t)
             if bool(done.all()):
                 break
-        if step == max_new_tokens - 1:
+        if i == steps - 1:
             break
-        if use_cache:
-            logits = decode_one_token(model, tok, pos, cache)
+        if decoder is not None:
+            if i == 0:
+                logits = decoder.run(host_step([[t] for t in tok.tolist()], lengths, tables,
+                                               kv.block_size, contiguous=True))
+            else:
+                logits = decoder.advance(tok)
+        elif use_cache:
+            if step is None:  # the first decode step: every later one is this one, advanced
+                step = buffers.fill(host_step([[t] for t in tok.tolist()], lengths, tables,
+                                              kv.block_size, contiguous=True))
+            else:
+                step.advance(tok)  # in place: the step's tensors keep their addresses
+            logits = run_step(model, kv, step)
         else:
-            buf[rows, cur] = tok
+            buf[rows_idx, cur] = tok
             cur = cur + 1
             logits = _full_forward_last(model, buf, cur)
-        pos = pos + 1
 
-    return Generation(tokens=out, num_tokens=num, prompt_lengths=lengths, pad_id=pad,
+    if use_cache and hasattr(kv, "lengths"):
+        kv.lengths[:B].copy_(torch.tensor(lengths, device=device) + num)
+    return Generation(tokens=out, num_tokens=num,
+                      prompt_lengths=torch.tensor(lengths, device=device), pad_id=pad,
                       logits=torch.stack(all_logits, 1) if return_logits else None)
+
+
+def _storage_for(cache, config, batch: int, total: int, device, dtype):
+    """The KV storage generate writes to: a new cache of the named kind, or
+    the given one after checking it has room (and emptying it)."""
+    if cache is None or isinstance(cache, str):
+        return make_cache(cache or "static", config, batch, total, device=device, dtype=dtype)
+    if cache.block_size < total:
+        raise GenerationError(f"the cache holds {cache.block_size} tokens but this request needs {total}")
+    if cache.num_blocks < batch:
+        raise GenerationError(f"the cache holds {cache.num_blocks} sequences but {batch} prompts were given")
+    if hasattr(cache, "reset"):
+        cache.reset()
+    return cache
 
 
 def _full_forward_last(model, buf: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

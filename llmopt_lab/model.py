@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttentionMeta, get_attention
+from .attention import AttentionMeta, StepView, attend, get_attention
 from .config import ModelConfig
 from .kernels.reference import rmsnorm_ref
 
@@ -98,17 +98,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.kv_size, bias=c.qkv_bias, **kw)
         self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=c.o_bias, **kw)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMeta,
-                positions: torch.Tensor, cache, attn_fn: Callable) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, positions)  # (B, Hkv, S, D)
-        out = attn_fn(q, k, v, meta, self.window, self.scale)  # (B, Hq, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx, kv,
+                attn_fn: Callable) -> torch.Tensor:
+        """Two layouts. Without KV storage (``kv`` None): x (B, T, hidden), a
+        rectangle (training, perplexity), ``ctx`` its AttentionMeta, cos/sin
+        (B, 1, T, D). With KV storage: x (N, hidden), the packed tokens of a
+        step, ``ctx`` its StepView, cos/sin (N, 1, D); this step's keys and
+        values are written to ``kv`` before the attention reads it."""
+        lead = x.shape[:-1]  # (B, T) or (N,)
+        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        if kv is None:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            out = attn_fn(q, k, v, ctx, self.window, self.scale)  # (B, Hq, T, D)
+            return self.o_proj(out.transpose(1, 2).reshape(*lead, -1))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (N, H, D)
+        kv.write(self.layer_idx, k, v, ctx.where)
+        out = attend(attn_fn, q, kv, self.layer_idx, ctx, self.window, self.scale)  # (N, Hq, D)
+        return self.o_proj(out.reshape(*lead, -1))
 
 
 class MLP(nn.Module):
@@ -133,8 +142,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.mlp = MLP(config, device, dtype)
 
-    def forward(self, x, cos, sin, meta, positions, cache, attn_fn):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, positions, cache, attn_fn)
+    def forward(self, x, cos, sin, ctx, kv, attn_fn):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, kv, attn_fn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -192,43 +201,64 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       cache=None, lengths: torch.Tensor | None = None,
                       attn_fn: Callable | None = None) -> torch.Tensor:
-        """Final (normed) hidden states, (B, T, hidden_size).
+        """Final (normed) hidden states of a rectangle of tokens, (B, T, hidden_size).
 
         input_ids: (B, T) int64, right-padded when rows differ in length.
-        positions: (B, T) int64; default: continue after the cache's lengths
-            (or start at 0 without a cache).
+        positions: (B, T) int64, consecutive in each row; default: continue
+            after the cache's lengths (or start at 0 without a cache).
         lengths: (B,) int64, the number of real tokens in each row (default:
             all T). Padding is never attended to.
-        cache: a KV cache (e.g. :class:`llmopt_lab.kv_cache.StaticCache`) that
-            this step's keys and values are written into and read from.
+        cache: a lesson-02 cache (:class:`llmopt_lab.cache.StaticCache`,
+            DynamicCache, Int8Cache) that this step's keys and values are
+            written into and read from; the rectangle becomes a step
+            (:meth:`~llmopt_lab.cache.BatchCache.rect_step`) run by
+            :meth:`step_hidden`.
+        Raises ValueError for input that is not 2-D, CacheError for a cache
+        built for another model, batch or dtype.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         dev = input_ids.device
-        if cache is not None:
-            cache.check_compatible(self.config, B, self.dtype, dev)
         steps = torch.arange(T, device=dev)
-        default_positions = positions is None
-        plain = default_positions and cache is None and lengths is None
-        if positions is None:
-            start = cache.lengths[:, None] if cache is not None else 0
-            positions = (start + steps).expand(B, T)
         token_valid = None if lengths is None else steps[None, :] < lengths[:, None]  # (B, T)
         if cache is not None:
-            meta = cache.begin(positions, token_valid)
-        else:
-            ranges = None
-            if default_positions:  # queries and keys are the tokens 0..T-1 (valid: a prefix)
-                k_len = lengths if lengths is not None else torch.full((B,), T, device=dev)
-                ranges = (torch.zeros(B, dtype=torch.long, device=dev), k_len)
-            meta = AttentionMeta(q_pos=positions, k_pos=positions, k_valid=token_valid,
-                                 is_plain_causal=plain, ranges=ranges)
-        attn_fn = attn_fn or self.attn_fn
+            cache.check_batch(self.config, B, self.dtype, dev)
+            if positions is None:
+                positions = (cache.lengths[:, None] + steps).expand(B, T)
+            step = cache.rect_step(input_ids, positions, token_valid)
+            return self.step_hidden(step, cache, attn_fn).view(B, T, -1)
+        plain = positions is None and lengths is None
+        ranges = None
+        if positions is None:  # queries and keys are the tokens 0..T-1 (valid: a prefix)
+            positions = steps.expand(B, T)
+            k_len = lengths if lengths is not None else torch.full((B,), T, device=dev)
+            ranges = (torch.zeros(B, dtype=torch.long, device=dev), k_len)
+        meta = AttentionMeta(q_pos=positions, k_pos=positions, k_valid=token_valid,
+                             is_plain_causal=plain, ranges=ranges)
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, 1, T, D)
         for layer in self.layers:
-            x = layer(x, cos, sin, meta, positions, cache, attn_fn)
+            x = layer(x, cos, sin, meta, None, attn_fn or self.attn_fn)
+        return self.norm(x)
+
+    def step_hidden(self, step, kv, attn_fn: Callable | None = None) -> torch.Tensor:
+        """Final (normed) hidden states (N, hidden_size) of a step's packed tokens.
+
+        step: a :class:`llmopt_lab.step.Step` (tokens, positions, slots, block
+            tables, query counts of S sequences); kv: the KV storage
+            (:class:`llmopt_lab.cache.KVPool` or a cache built on it) that the
+            step's keys and values are written to and read from.
+        Raises CacheError when ``kv`` was built for another model or dtype.
+        """
+        kv.check_compatible(self.config, self.dtype, step.tokens.device)
+        kv.prepare(step)
+        view = StepView(step, kv.keys_len(step))
+        x = self.embed_tokens(step.tokens)  # (N, hidden)
+        cos, sin = rope_cos_sin(self.inv_freq, step.positions[None], x.dtype)  # (1, 1, N, D)
+        cos, sin = cos[0, 0, :, None], sin[0, 0, :, None]  # (N, 1, D)
+        for layer in self.layers:
+            x = layer(x, cos, sin, view, kv, attn_fn or self.attn_fn)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,

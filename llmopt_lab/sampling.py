@@ -1,9 +1,14 @@
 """From logits to tokens: greedy, temperature, top-k, top-p (nucleus).
 
 All functions take logits of shape (B, V) and work in float32.
+:class:`SamplingParams` describes one request; :func:`sample_rows` samples a
+batch whose rows have different parameters and random streams.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -54,3 +59,72 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
         return logits.argmax(dim=-1)
     probs = probabilities(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class SamplingParams:
+    """How one request is sampled.
+
+    max_new_tokens: the most tokens to generate (>= 1); temperature: 0 is
+    greedy; top_k / top_p: filters (None: off); seed: the row's own random
+    stream (None: a fresh one), so that a request samples the same tokens
+    alone or in any batch; stop_token_ids: ids that end the request (None: the
+    model's EOS ids); ignore_eos: never stop early.
+    Raises GenerationError for out-of-range values.
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        check_sampling_args(self.temperature, self.top_k, self.top_p)
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise GenerationError(
+                f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise GenerationError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.stop_token_ids is not None:
+            ids = [self.stop_token_ids] if isinstance(self.stop_token_ids, int) else self.stop_token_ids
+            self.stop_token_ids = tuple(int(i) for i in ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def stop_ids(self, default: Sequence[int]) -> list[int]:
+        """The ids that end this request, given the model's EOS ids."""
+        if self.ignore_eos:
+            return []
+        return list(self.stop_token_ids) if self.stop_token_ids is not None else list(default)
+
+    def generator(self, device) -> torch.Generator | None:
+        """The row's random stream (None for greedy rows)."""
+        if self.greedy:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed if self.seed is not None else torch.seed())
+        return g
+
+
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Next tokens (B,) int64, each row with its own parameters and random stream.
+
+    logits: (B, V). Greedy rows take the argmax (computed for the whole batch at
+    once); each sampled row draws from its own filtered distribution with its
+    own generator, so its tokens do not depend on the other rows.
+    """
+    if len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
+        raise GenerationError(f"{logits.shape[0]} rows of logits but {len(params)} sampling "
+                              f"parameters and {len(generators)} generators")
+    tokens = logits.argmax(dim=-1)
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            probs = probabilities(logits[i:i + 1], p.temperature, p.top_k, p.top_p)  # (1, V)
+            tokens[i] = torch.multinomial(probs, 1, generator=g)[0, 0]
+    return tokens

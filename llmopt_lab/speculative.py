@@ -2,6 +2,9 @@
 them all in one forward pass, and the output is exactly what the target alone
 would produce.
 
+(Over 400 lines: the statistics, the exact rejection rule and the four step
+functions read together as one algorithm, top to bottom.)
+
 * :func:`speculative_generate` with a draft model (its own KV cache) or with
   prompt lookup (``draft=None``: n-gram matches copied from earlier text of
   the context, no model at all).
@@ -12,12 +15,18 @@ would produce.
   (2023): keep proposal x ~ q with probability min(1, p(x) / q(x)); on
   rejection draw from normalize(max(0, p - q)); when all k are kept, draw a
   bonus token from p. The output distribution is exactly the target's.
-* Both caches roll back past the first rejection (``cache.truncate``).
+* Both caches roll back past the first rejection: a sequence's length in
+  each cache is a number in its :class:`SpecSequence`; the rejected slots are
+  simply overwritten later.
 
-Batches: every sequence keeps its own length, acceptances and rollback (the
-caches hold per-sequence lengths); the draft's k passes and the target's
-verification run batched. A finished sequence idles as a dummy until the
-others are done.
+One step is four named functions, each usable alone (and by a batching
+engine): :func:`propose` (the draft's k guesses, or prompt lookup),
+:func:`verify` (one target forward over every row's last token and its
+guesses), :func:`accept` (the rule above, per row) and :func:`roll_back`.
+Batches: every sequence keeps its own length, acceptances and rollback; the
+draft's k passes and the target's verification run as packed steps
+(:mod:`llmopt_lab.step`) over the sequences still running, so a finished
+sequence simply leaves the batch.
 """
 
 from __future__ import annotations
@@ -27,11 +36,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .bench import synchronize
+from .cache import KVPool
 from .errors import GenerationError
 from .generate import pad_prompts
-from .kv_cache import StaticCache
+from .measure.timing import synchronize
 from .sampling import check_sampling_args, probabilities
+from .step import host_step, run_step
 
 
 @dataclass
@@ -173,24 +183,6 @@ def prompt_lookup(seq: list[int], k: int, max_ngram: int = 3) -> list[int]:
     return []
 
 
-def _forward_rows(model, rows: list[list[int]], starts: list[int], cache,
-                  last_only: bool = False) -> torch.Tensor:
-    """Feed row i's tokens at positions starts[i].. into the cache (rows of
-    different lengths are right-padded and masked). Returns float32 logits
-    (B, W, V), W the longest row, or (B, V) after each row's last token
-    (``last_only``: the rest are not needed)."""
-    dev = model.device
-    widths = [len(r) for r in rows]
-    W = max(widths)
-    ids = torch.tensor([r + [0] * (W - len(r)) for r in rows], device=dev)
-    pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(W, device=dev)
-    lengths = None if min(widths) == W else torch.tensor(widths, device=dev)
-    hidden = model.hidden_states(ids, pos, cache=cache, lengths=lengths)  # (B, W, H)
-    if last_only:
-        hidden = hidden[torch.arange(len(rows), device=dev), torch.tensor(widths, device=dev) - 1]
-    return model.lm_head(hidden).float()
-
-
 def acceptance_probability(p: torch.Tensor, q: torch.Tensor, x: int) -> float:
     """min(1, p(x) / q(x)): the chance of keeping proposal x drawn from q.
     p, q: (V,) probabilities of the target and the proposer."""
@@ -235,6 +227,144 @@ def cache_lengths_after_step(seq_len: int, accepted: int, draft_len: int) -> tup
     return keep, min(draft_len, keep)
 
 
+@dataclass
+class SpecSequence:
+    """One sequence being decoded speculatively.
+
+    tokens: the prompt and every token generated so far; new: the generated
+    ones; block: its block in both caches (one block per sequence);
+    target_len / draft_len: tokens whose keys and values each cache holds (the
+    target holds every token but the last, which is fed in the next step).
+    """
+
+    tokens: list[int]
+    block: int
+    new: list[int] = field(default_factory=list)
+    target_len: int = 0
+    draft_len: int = 0
+    done: bool = False
+
+
+@dataclass
+class Sampler:
+    """How a speculative run turns logits into tokens: greedy or sampled from
+    the filtered distribution, one random stream for the batch."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def dist(self, logits: torch.Tensor) -> torch.Tensor:
+        """(V,) sampling distribution of one row of logits."""
+        return probabilities(logits[None], self.temperature, self.top_k, self.top_p)[0]
+
+    def pick(self, logits: torch.Tensor) -> int:
+        if self.greedy:
+            return int(logits.argmax())
+        return int(torch.multinomial(self.dist(logits), 1, generator=self.generator))
+
+
+def _step(model, kv: KVPool, seqs: list[SpecSequence], chunks: list[list[int]], starts: list[int],
+          every_token: bool) -> torch.Tensor:
+    """Feed chunk i of sequence i at positions starts[i].. (one packed step)."""
+    step = host_step(chunks, starts, [[s.block] for s in seqs], kv.block_size, contiguous=False)
+    return run_step(model, kv, step.to_step(model.device), every_token=every_token)
+
+
+def propose(draft, draft_kv: KVPool | None, seqs: list[SpecSequence], k: int, sampler: Sampler,
+            vocab: int, max_ngram: int = 3) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Up to k guesses per sequence.
+
+    With a draft model: k batched draft steps (the first feeds each
+    sequence's tokens the draft has not seen, then one guess per step), greedy
+    or sampled; the draft's cache grows by what it was fed. Without one
+    (``draft=None``): prompt lookup, no model at all (possibly fewer than k,
+    or none). Returns the proposals and, for sampled drafts, each proposal's
+    distribution q (V,) (empty lists otherwise, a point mass is implied).
+    """
+    q_dists: list[list[torch.Tensor]] = [[] for _ in seqs]
+    if draft is None:
+        return [prompt_lookup(s.tokens, k, max_ngram) for s in seqs], q_dists
+    shared = min(vocab, draft.config.vocab_size)
+    proposals: list[list[int]] = [[] for _ in seqs]
+    chunks = [s.tokens[s.draft_len:] for s in seqs]
+    for _ in range(k):
+        logits = _step(draft, draft_kv, seqs, chunks, [s.draft_len for s in seqs], False)[:, :shared]
+        for s, c in zip(seqs, chunks):
+            s.draft_len += len(c)
+        if sampler.greedy:
+            xs = logits.argmax(-1).tolist()
+        else:
+            xs = []
+            for i in range(len(seqs)):
+                q = torch.zeros(vocab, device=logits.device)
+                q[:shared] = sampler.dist(logits[i])
+                q_dists[i].append(q)
+                xs.append(int(torch.multinomial(q, 1, generator=sampler.generator)))
+        for p, x in zip(proposals, xs):
+            p.append(x)
+        chunks = [[x] for x in xs]
+    return proposals, q_dists
+
+
+def verify(target, target_kv: KVPool, seqs: list[SpecSequence],
+           proposals: list[list[int]]) -> list[torch.Tensor]:
+    """One target forward over each sequence's last token followed by its
+    proposals (a packed step: rows of different lengths, no padding). Returns,
+    per sequence, float32 logits (1 + len(proposal), V): row i is the
+    target's prediction after proposal i - 1 (row 0: after the last token)."""
+    chunks = [[s.tokens[-1]] + p for s, p in zip(seqs, proposals)]
+    logits = _step(target, target_kv, seqs, chunks, [len(s.tokens) - 1 for s in seqs], True)
+    return list(logits.split([len(c) for c in chunks]))
+
+
+def accept(logits: torch.Tensor, proposal: list[int], q_dists: list[torch.Tensor],
+           sampler: Sampler, rule=None) -> tuple[int, int]:
+    """How many of one sequence's proposals the target keeps, and the token
+    that follows them: the target's own choice at the first rejection, or a
+    bonus token when all are kept.
+
+    logits: (1 + len(proposal), V) from :func:`verify`. Greedy: keep while the
+    proposal is the target's argmax. Sampled: the exact rejection rule
+    (``rule(p, q, x, generator) -> (kept, replacement)``, default
+    :func:`verify_step` with a uniform draw), q a point mass for prompt lookup.
+    """
+    if sampler.greedy:
+        choices = logits.argmax(-1).tolist()  # one host sync for the row
+        accepted = 0
+        while accepted < len(proposal) and choices[accepted] == proposal[accepted]:
+            accepted += 1
+        return accepted, choices[accepted]
+    rule = rule or _accept_or_resample
+    vocab = logits.shape[-1]
+    for i, x in enumerate(proposal):
+        p = sampler.dist(logits[i])
+        q = q_dists[i] if q_dists else torch.nn.functional.one_hot(
+            torch.tensor(x, device=logits.device), vocab).float()
+        ok, replacement = rule(p, q, x, sampler.generator)
+        if not ok:
+            return i, replacement
+    return len(proposal), sampler.pick(logits[len(proposal)])
+
+
+def roll_back(seq: SpecSequence, proposal: list[int], accepted: int, extra: int) -> list[int]:
+    """Append what a step decided (the kept proposals and the extra token) to
+    ``seq`` and cut both caches back to what is now certain
+    (:func:`cache_lengths_after_step`): the slots of rejected proposals are
+    forgotten and overwritten later. Returns the step's new tokens."""
+    seq.target_len, seq.draft_len = cache_lengths_after_step(len(seq.tokens), accepted,
+                                                             seq.draft_len)
+    new = proposal[:accepted] + [extra]
+    seq.tokens.extend(new)
+    seq.new.extend(new)
+    return new
+
+
 @torch.inference_mode()
 def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int = 4, *,
                          temperature: float = 0.0, top_k: int | None = None,
@@ -253,7 +383,8 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
     acceptance_rule: for experiments only (the lesson's negative control):
     ``fn(p, q, x, generator) -> (accepted, replacement)`` replacing the exact rule.
     Returns a :class:`SpecOutput`: the new tokens of each prompt and the
-    :class:`SpecStats` of the batch.
+    :class:`SpecStats` of the batch. Raises GenerationError for bad arguments
+    or a request longer than a model's context.
     """
     check_sampling_args(temperature, top_k, top_p)
     if not isinstance(k, int) or k < 1:
@@ -263,31 +394,19 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
     check_same_tokenizer(target_tokenizer, draft_tokenizer)
     ids, lengths = pad_prompts(input_ids)
     B = ids.shape[0]
-    seqs = [row[:n].tolist() for row, n in zip(ids, lengths.tolist())]
-    T = int(lengths.max())
+    seqs = [SpecSequence(tokens=row[:n].tolist(), block=i)
+            for i, (row, n) in enumerate(zip(ids, lengths.tolist()))]
     cfg = target.config
-    size = T + max_new_tokens + k + 2
+    size = int(lengths.max()) + max_new_tokens + k + 2
     if size > cfg.max_position_embeddings or (draft is not None and size > draft.config.max_position_embeddings):
         raise GenerationError(f"prompt + max_new_tokens + k ({size}) exceeds a model's context")
-    vocab = cfg.vocab_size
-    if draft is not None:
-        shared = min(vocab, draft.config.vocab_size)
     eos = [] if ignore_eos else ([eos_token_id] if eos_token_id is not None else cfg.eos_token_ids)
-    greedy = temperature == 0
     dev = target.device
     gen = None
-    if not greedy:
+    if temperature > 0:
         gen = torch.Generator(device=dev).manual_seed(seed if seed is not None else torch.seed())
-    rule = acceptance_rule or _accept_or_resample
+    sampler = Sampler(temperature, top_k, top_p, gen)
     stats = SpecStats()
-
-    def dist(logits: torch.Tensor) -> torch.Tensor:  # (V,) sampling distribution
-        return probabilities(logits[None], temperature, top_k, top_p)[0]
-
-    def pick(logits: torch.Tensor) -> int:
-        if greedy:
-            return int(logits.argmax())
-        return int(torch.multinomial(dist(logits), 1, generator=gen))
 
     def timed(fn, which: str):
         synchronize(dev)
@@ -297,108 +416,52 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
         setattr(stats, which, getattr(stats, which) + time.perf_counter() - t0)
         return out
 
-    def finished(i: int) -> bool:
-        return len(news[i]) >= max_new_tokens or any(x in eos for x in news[i])
+    def finished(s: SpecSequence) -> bool:
+        return len(s.new) >= max_new_tokens or any(x in eos for x in s.new)
 
-    t_cache = StaticCache(cfg, B, size, device=dev, dtype=target.dtype)
-    d_cache = None
-    if draft is not None:
-        d_cache = StaticCache(draft.config, B, size, device=dev, dtype=draft.dtype)
-    # the target's cache holds seq[:-1]; the first new token comes from the prompt's logits
-    logits = timed(lambda: _forward_rows(target, seqs, [0] * B, t_cache, last_only=True),
+    t_kv = KVPool(cfg, B, size, device=dev, dtype=target.dtype)
+    d_kv = None if draft is None else KVPool(draft.config, B, size, device=dev, dtype=draft.dtype)
+    # the target's cache holds every token but the last; the first new token
+    # comes from the prompt's logits
+    logits = timed(lambda: _step(target, t_kv, seqs, [s.tokens for s in seqs], [0] * B, False),
                    "prefill_time_s")  # (B, V)
     stats.target_forwards += 1
-    news = [[pick(logits[i])] for i in range(B)]
-    for i in range(B):
-        seqs[i].append(news[i][0])
-    d_lens = [0] * B  # tokens of each sequence in the draft cache
-    done = [finished(i) for i in range(B)]
+    for s, row in zip(seqs, logits):
+        s.target_len = len(s.tokens)
+        first = sampler.pick(row)
+        s.tokens.append(first)
+        s.new.append(first)
+        s.done = finished(s)
 
-    while not all(done):
-        # A finished row no longer advances: it stands in as a one-token dummy
-        # at position 0 (its caches emptied), so the batch keeps its shape and
-        # no row runs past the caches; its results are ignored.
-        views = [[0] if done[i] else seqs[i] for i in range(B)]
-        # ---- propose
-        q_dists: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    while True:
+        live = [s for s in seqs if not s.done]
+        if not live:
+            break
         if draft is None:
-            proposals = [[] if done[i] else prompt_lookup(views[i], k, max_ngram) for i in range(B)]
+            proposals, q_dists = propose(None, None, live, k, sampler, cfg.vocab_size, max_ngram)
         else:
-            proposals = [[] for _ in range(B)]
-
-            def propose():
-                chunks = [views[i][d_lens[i]:] for i in range(B)]
-                for _ in range(k):
-                    dl = _forward_rows(draft, chunks, d_lens, d_cache, last_only=True)[:, :shared]
-                    for i in range(B):
-                        d_lens[i] += len(chunks[i])
-                    if greedy:
-                        xs = dl.argmax(-1).tolist()
-                    else:
-                        xs = []
-                        for i in range(B):
-                            qd = torch.zeros(vocab, device=dev)
-                            qd[:shared] = dist(dl[i])
-                            q_dists[i].append(qd)
-                            xs.append(int(torch.multinomial(qd, 1, generator=gen)))
-                    for i in range(B):
-                        proposals[i].append(xs[i])
-                    chunks = [[x] for x in xs]
-                stats.draft_forwards += k
-
-            timed(propose, "draft_time_s")
-        # ---- verify: each row's last token and its proposals in one target forward
-        logits = timed(lambda: _forward_rows(target, [[v[-1]] + p for v, p in zip(views, proposals)],
-                                             [len(v) - 1 for v in views], t_cache),
-                       "target_time_s")  # (B, 1 + longest proposal, V)
+            proposals, q_dists = timed(lambda: propose(draft, d_kv, live, k, sampler, cfg.vocab_size,
+                                                       max_ngram), "draft_time_s")
+            stats.draft_forwards += k
+        rows = timed(lambda: verify(target, t_kv, live, proposals), "target_time_s")
         stats.target_forwards += 1
-        choices = logits.argmax(-1).tolist() if greedy else None  # one host sync for all
-        t_lens, new_d_lens = [0] * B, [0] * B
-        for r in range(B):
-            if done[r]:
-                continue
-            proposal, accepted, extra = proposals[r], 0, None
-            for i, x in enumerate(proposal):
-                if greedy:
-                    if choices[r][i] == x:
-                        accepted += 1
-                        continue
-                    extra = choices[r][i]
-                    break
-                p = dist(logits[r, i])
-                q = q_dists[r][i] if draft is not None else torch.nn.functional.one_hot(
-                    torch.tensor(x, device=dev), vocab).float()
-                ok, replacement = rule(p, q, x, gen)
-                if ok:
-                    accepted += 1
-                    continue
-                extra = replacement
-                break
-            if extra is None:  # everything kept: a bonus token from the target
-                extra = choices[r][len(proposal)] if greedy else pick(logits[r, len(proposal)])
+        for s, proposal, q, row in zip(live, proposals, q_dists, rows):
+            accepted, extra = accept(row, proposal, q, sampler, acceptance_rule)
             stats.proposed += len(proposal)
             stats.accepted += accepted
             stats.accepted_per_step.append(accepted)
             stats.proposed_per_step.append(len(proposal))
-            # ---- roll both caches back to what is now certain: the sequence but its last token
-            t_lens[r], new_d_lens[r] = cache_lengths_after_step(len(seqs[r]), accepted, d_lens[r])
-            step_tokens = proposal[:accepted] + [extra]
-            seqs[r].extend(step_tokens)
-            news[r].extend(step_tokens)
-            if finished(r):  # from now on a dummy: empty caches
-                done[r] = True
-                t_lens[r] = new_d_lens[r] = 0
-        d_lens = new_d_lens
-        t_cache.truncate(torch.tensor(t_lens, device=dev))
-        if d_cache is not None:
-            d_cache.truncate(torch.tensor(d_lens, device=dev))
+            roll_back(s, proposal, accepted, extra)
+            s.done = finished(s)
     # cut at EOS and at the limit (tokens past them are what the target would
     # have produced anyway; they are simply not wanted)
-    for r in range(B):
-        for i, x in enumerate(news[r]):
+    news = []
+    for s in seqs:
+        new = s.new
+        for i, x in enumerate(new):
             if x in eos:
-                news[r] = news[r][:i + 1]
+                new = new[:i + 1]
                 break
-        news[r] = news[r][:max_new_tokens]
+        news.append(new[:max_new_tokens])
     stats.new_tokens = sum(len(n) for n in news)
     return SpecOutput(sequences=news, stats=stats)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmopt_lab import bench
+from llmopt_lab import measure
 from llmopt_lab.attention_memory import (H100_SMEM_BYTES, HbmTraffic, attend_query_block,
                                          flash_attention_io, flash_block_sizes, flash_max_seq_len,
                                          flash_peak_bytes, naive_attention_io, naive_max_seq_len,
@@ -48,7 +48,7 @@ def test_max_seq_len_is_the_boundary(memory):
 
 
 def test_max_seq_len_on_an_h100():
-    mem = bench.GPU_TABLE["H100 SXM"].memory_gb * 1e9
+    mem = measure.GPU_TABLE["H100 SXM"].memory_gb * 1e9
     # 2 x 32 heads x N^2 x 2 bytes ~ 80e9  ->  N ~ 25k
     assert 24_000 < naive_max_seq_len(mem) < 25_000
     assert naive_max_seq_len(10.0) == 0 and naive_max_seq_len(0) == 0

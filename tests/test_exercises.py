@@ -14,7 +14,7 @@ import pytest
 
 nbformat = pytest.importorskip("nbformat")  # absent on bare GPU machines: skip there
 
-from llmopt_lab.exercises import GRADER_TAG, build
+from llmopt_lab.course.exercises import GRADER_TAG, build
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))

@@ -5,8 +5,8 @@ import torch
 
 nbformat = pytest.importorskip("nbformat")  # absent on bare GPU machines: skip there
 
-from llmopt_lab.exercises import ExerciseFormatError, make_exercise, strip_solutions
-from llmopt_lab.grading import Case, GradingError, check, close
+from llmopt_lab.course.exercises import ExerciseFormatError, make_exercise, strip_solutions
+from llmopt_lab.course.grading import Case, GradingError, check, close
 
 SOLUTION = '''import math
 

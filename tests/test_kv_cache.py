@@ -8,9 +8,9 @@ from conftest import scaled_model
 from llmopt_lab import generate, preset
 from llmopt_lab.config import ModelConfig
 from llmopt_lab.errors import CacheError
-from llmopt_lab.kv_cache import (DynamicCache, Int8Cache, StaticCache, dequantize_int8,
+from llmopt_lab.cache import (DynamicCache, Int8Cache, StaticCache, dequantize_int8,
                                  kv_cache_bytes, make_cache, quantize_int8_per_token)
-from llmopt_lab.metrics import kl_divergence, top1_agreement
+from llmopt_lab.measure.metrics import kl_divergence, top1_agreement
 
 PROMPTS = [[1, 2, 3], [10, 20, 30, 40, 50, 60, 70], [99], [5, 6, 7, 8, 9]]
 
@@ -28,13 +28,17 @@ def test_exact_caches_give_the_no_cache_tokens(model, kind):
 
 
 def test_int8_prefill_then_decode_equals_one_token_at_a_time(model):
-    ids = torch.randint(0, 512, (2, 12))
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
     a = Int8Cache(model.config, 2, 16)
     with torch.inference_mode():
         full = model(ids, cache=a)  # prefill all 12 at once
         b = Int8Cache(model.config, 2, 16)
         steps = torch.cat([model(ids[:, t:t + 1], cache=b) for t in range(12)], dim=1)
-    torch.testing.assert_close(steps, full, atol=1e-4, rtol=0)
+    # k and v computed in a different batch shape may round differently in the
+    # last bit, which can flip an int8 code by one step (absmax / 127): on some
+    # CPUs that moves a logit by ~1e-3. A wrong slot or scale moves them by ~1.
+    torch.testing.assert_close(steps, full, atol=5e-3, rtol=0)
+    assert (steps - full).abs().median() < 1e-4
     for layer in range(model.config.num_layers):  # same codes, up to last-bit rounding of k and v
         assert (a.k[layer].int() - b.k[layer].int()).abs().max() <= 1
         torch.testing.assert_close(a.v_scale[layer], b.v_scale[layer], rtol=1e-4, atol=0)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llmopt_lab.metrics import (bootstrap_interval, ppl_delta_interval, recovery_interval,
+from llmopt_lab.measure.metrics import (bootstrap_interval, ppl_delta_interval, recovery_interval,
                                 speedup_interval)
 
 

@@ -1,4 +1,4 @@
-"""Tests of llmopt_lab.plots: figures built under Agg, their artists, the Pareto front."""
+"""Tests of llmopt_lab.measure.plots: figures built under Agg, their artists, the Pareto front."""
 
 import matplotlib
 
@@ -9,13 +9,14 @@ import io  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from llmopt_lab import bench, plots  # noqa: E402
+from llmopt_lab import measure  # noqa: E402
+from llmopt_lab.measure import plots  # noqa: E402
 
 PROV = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0",
         "transformers": "5.0.0", "git_commit": "0123456789abcdef0123456789abcdef01234567-dirty",
         "date": "2026-01-02T03:04:05+00:00"}
 
-LIMITS = bench.DeviceLimits("NVIDIA H100 80GB HBM3", {"bf16": 989.4e12, "fp8": 1978.9e12},
+LIMITS = measure.DeviceLimits("NVIDIA H100 80GB HBM3", {"bf16": 989.4e12, "fp8": 1978.9e12},
                             bandwidth=3.35e12, source="table")
 
 
@@ -122,4 +123,4 @@ def test_draws_into_given_axes_and_stamps_own_provenance():
     ax = fig.add_subplot()
     out = plots.sweep([1, 2], {"a": [1, 2]}, "x", "y", ax=ax)
     assert out is fig
-    assert bench.device_name("cpu") in _stamp(fig)  # this process's provenance
+    assert measure.device_name("cpu") in _stamp(fig)  # this process's provenance

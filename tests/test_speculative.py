@@ -269,3 +269,72 @@ def test_tie_gap_measures_the_first_divergence_in_rounding_units():
     assert _tie_gap(logits, [1, 0, 2], [1, 1, 2], torch.bfloat16) == pytest.approx(0.0625 / (eps * 8))
     assert _tie_gap(logits, [1, 0, 2], [1, 1, 2], torch.bfloat16) == pytest.approx(1.0)
     assert _tie_gap(logits, [1, 0, 2], [2, 0, 2], torch.float32) > 1e6  # a real disagreement
+
+
+def _spec_seqs(prompts, target, draft, size=64):
+    """SpecSequences after the target's prefill (as speculative_generate leaves them)."""
+    from llmopt_lab.cache import KVPool
+    from llmopt_lab.generate import run_step
+    from llmopt_lab.speculative import SpecSequence
+    from llmopt_lab.step import host_step
+
+    seqs = [SpecSequence(tokens=list(p), block=i) for i, p in enumerate(prompts)]
+    t_kv = KVPool(target.config, len(prompts), size)
+    d_kv = KVPool(draft.config, len(prompts), size)
+    with torch.inference_mode():
+        run_step(target, t_kv, host_step([p[:-1] for p in prompts], [0] * len(prompts),
+                                         [[i] for i in range(len(prompts))], size).to_step())
+    for s in seqs:
+        s.target_len = len(s.tokens) - 1
+    return seqs, t_kv, d_kv
+
+
+def test_propose_alone_is_the_drafts_greedy_continuation(target, draft):
+    from llmopt_lab.speculative import Sampler, propose
+
+    prompts = [[5, 9, 2, 7, 1], [3, 3]]
+    seqs, _, d_kv = _spec_seqs(prompts, target, draft)
+    with torch.inference_mode():
+        proposals, q = propose(draft, d_kv, seqs, 3, Sampler(), 512)
+    assert proposals == [generate(draft, [p], 3, ignore_eos=True).tolist()[0] for p in prompts]
+    assert q == [[], []]
+    assert [s.draft_len for s in seqs] == [5 + 2, 2 + 2]  # the prompt, then 2 of the 3 guesses fed
+    lookup, _ = propose(None, None, seqs, 2, Sampler(), 512)
+    assert lookup == [prompt_lookup(s.tokens, 2) for s in seqs]
+
+
+def test_verify_alone_gives_the_targets_logits_after_each_guess(target, draft):
+    from llmopt_lab.speculative import verify
+
+    prompts = [[5, 9, 2, 7, 1], [3, 3]]
+    guesses = [[4, 4, 8], [6]]
+    seqs, t_kv, _ = _spec_seqs(prompts, target, draft)
+    with torch.inference_mode():
+        rows = verify(target, t_kv, seqs, guesses)
+        for p, g, row in zip(prompts, guesses, rows):
+            full = target(torch.tensor([p + g]))[0].float()
+            assert row.shape == (1 + len(g), 512)
+            torch.testing.assert_close(row, full[len(p) - 1:], atol=1e-4, rtol=0)
+
+
+def test_accept_alone_greedy_and_with_a_given_rule():
+    from llmopt_lab.speculative import Sampler, accept
+
+    logits = torch.full((4, 10), -5.0)
+    for i, best in enumerate([2, 7, 1, 4]):
+        logits[i, best] = 5.0
+    assert accept(logits, [2, 7, 1], [], Sampler()) == (3, 4)  # all kept: the bonus token
+    assert accept(logits, [2, 6, 1], [], Sampler()) == (1, 7)  # the target's own token at the rejection
+    assert accept(logits[:1], [], [], Sampler()) == (0, 2)  # nothing proposed: one plain step
+    sampler = Sampler(temperature=1.0, generator=torch.Generator().manual_seed(0))
+    keep_two = iter([(True, None), (True, None), (False, 9)])
+    assert accept(logits, [2, 7, 1], [], sampler, rule=lambda p, q, x, g: next(keep_two)) == (2, 9)
+
+
+def test_roll_back_alone():
+    from llmopt_lab.speculative import SpecSequence, roll_back
+
+    s = SpecSequence(tokens=[1, 2, 3, 4], block=0, target_len=3, draft_len=7)
+    assert roll_back(s, [8, 8, 8], 1, 5) == [8, 5]
+    assert s.tokens == [1, 2, 3, 4, 8, 5] and s.new == [8, 5]
+    assert (s.target_len, s.draft_len) == (5, 5)  # every token but the last, in both caches

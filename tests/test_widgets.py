@@ -2,12 +2,12 @@
 
 import pytest
 
-from llmopt_lab import bench, preset
-from llmopt_lab.widgets import roofline_explorer, roofline_point
+from llmopt_lab import measure, preset
+from llmopt_lab.course.widgets import roofline_explorer, roofline_point
 
 
 def test_roofline_point_decode_is_memory_bound_and_prefill_compute_bound():
-    h100 = bench.table_limits("H100 SXM")
+    h100 = measure.table_limits("H100 SXM")
     cfg = preset("llama-7b")
     d = roofline_point(cfg, h100, "bf16", "decode", 1, 1024)
     p = roofline_point(cfg, h100, "bf16", "prefill", 1, 4096)
@@ -19,7 +19,7 @@ def test_roofline_point_decode_is_memory_bound_and_prefill_compute_bound():
 
 
 def test_explorer_reacts_to_sliders():
-    box = roofline_explorer(preset("llama-7b"), bench.table_limits("H100 SXM"), "bf16")
+    box = roofline_explorer(preset("llama-7b"), measure.table_limits("H100 SXM"), "bf16")
     first = box.state["intensity"]
     box.controls["batch"].value = 64
     assert box.state["intensity"] > 10 * first  # batching raises intensity (KV reads cap it)
@@ -29,11 +29,11 @@ def test_explorer_reacts_to_sliders():
 
 def test_table_limits_unknown():
     with pytest.raises(ValueError, match="known"):
-        bench.table_limits("Z9000")
+        measure.table_limits("Z9000")
 
 
 def test_kv_memory_explorer():
-    from llmopt_lab.widgets import kv_memory, kv_memory_explorer
+    from llmopt_lab.course.widgets import kv_memory, kv_memory_explorer
 
     cfgs = {"llama-7b": preset("llama-7b"), "llama3-8b": preset("llama3-8b")}
     box = kv_memory_explorer(cfgs)
@@ -48,7 +48,7 @@ def test_kv_memory_explorer():
 
 
 def test_speculative_explorer():
-    from llmopt_lab.widgets import speculative_explorer
+    from llmopt_lab.course.widgets import speculative_explorer
 
     box = speculative_explorer({1: 1.2, 2: 1.5})
     box.controls["alpha"].value = 0.0
@@ -61,7 +61,7 @@ def test_speculative_explorer():
 
 
 def test_bits_per_weight():
-    from llmopt_lab.widgets import bits_per_weight
+    from llmopt_lab.course.widgets import bits_per_weight
 
     # int4, zero point, groups of 128: 4 + (32 + 8) / 128 bits per weight
     assert bits_per_weight([(256, 768)], 4, "group", 128) == 4 + 40 / 128
@@ -73,7 +73,7 @@ def test_quantization_explorer_and_model_quality():
     import torch
 
     from llmopt_lab import Transformer
-    from llmopt_lab.widgets import fake_quantized_quality, quantization_explorer
+    from llmopt_lab.course.widgets import fake_quantized_quality, quantization_explorer
 
     cfg = preset("tiny").replace(num_layers=2)
     model = Transformer.from_config(cfg, seed=0)

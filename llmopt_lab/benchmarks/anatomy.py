@@ -1,7 +1,7 @@
 """Lesson 01 benchmark: prefill and decode throughput against the roofline.
 
 For each measured step we report tokens/s, the step's FLOPs and bytes
-(:func:`llmopt_lab.bench.step_cost`), its arithmetic intensity, the
+(:func:`llmopt_lab.measure.step_cost`), its arithmetic intensity, the
 roofline-bound time on this device and the fraction of it we reach. Decode
 runs on the static KV cache, one real token per sequence per step. Our decode
 stands next to Hugging Face transformers' ``generate`` on the same weights,
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import bench
+from .. import measure
 from ..generate import decode_one_token, generate, prefill
-from ..kv_cache import StaticCache
+from ..cache import StaticCache
 from ..weights import ZOO, load_model, to_transformers
 
 SIZES = {
@@ -52,13 +52,13 @@ def measure_prefill(model, batch: int, prompt_len: int, limits, repeat: int = 5)
         cache.reset()
         prefill(model, ids, lengths, cache)
 
-    t = bench.time_fn(step, warmup=1, repeat=repeat, device=dev)
-    cost = bench.step_cost(c, batch, prompt_len, 0, model.dtype)
-    bound = bench.roofline_time(cost, limits, model.dtype)
+    t = measure.time_fn(step, warmup=1, repeat=repeat, device=dev)
+    cost = measure.step_cost(c, batch, prompt_len, 0, model.dtype)
+    bound = measure.roofline_time(cost, limits, model.dtype)
     return dict(phase="prefill", batch=batch, tokens=prompt_len, context=0, time_s=t.median,
                 spread=t.spread, tokens_per_s=batch * prompt_len / t.median, flops=cost.flops,
                 bytes=cost.bytes, intensity=cost.intensity, bound_s=bound,
-                fraction=bench.achieved_fraction(bound, t.median),
+                fraction=measure.achieved_fraction(bound, t.median),
                 flops_per_s=cost.flops / t.median)
 
 
@@ -77,14 +77,14 @@ def measure_decode(model, batch: int, context: int, limits, steps: int = 16,
         decode_one_token(model, tok, state["pos"], cache)
         state["pos"] = state["pos"] + 1
 
-    t = bench.time_fn(step, warmup=warmup, repeat=steps, device=dev)
+    t = measure.time_fn(step, warmup=warmup, repeat=steps, device=dev)
     mid = context + warmup + steps // 2
-    cost = bench.step_cost(c, batch, 1, mid, model.dtype)
-    bound = bench.roofline_time(cost, limits, model.dtype)
+    cost = measure.step_cost(c, batch, 1, mid, model.dtype)
+    bound = measure.roofline_time(cost, limits, model.dtype)
     return dict(phase="decode", batch=batch, tokens=1, context=mid, time_s=t.median,
                 spread=t.spread, tokens_per_s=batch / t.median, flops=cost.flops, bytes=cost.bytes,
                 intensity=cost.intensity, bound_s=bound,
-                fraction=bench.achieved_fraction(bound, t.median),
+                fraction=measure.achieved_fraction(bound, t.median),
                 flops_per_s=cost.flops / t.median)
 
 
@@ -104,10 +104,10 @@ def compare_with_transformers(model, n_tokens: int, prompt_len: int = 32, repeat
         hf_out = hf.generate(ids, generation_config=gcfg)[:, prompt_len:]
     if ours_out.tokens.shape[1] != n_tokens or hf_out.shape[1] != n_tokens:
         raise RuntimeError("a generator did not produce exactly the requested tokens")
-    t_ours = bench.time_fn(lambda: generate(model, ids, n_tokens, ignore_eos=True),
+    t_ours = measure.time_fn(lambda: generate(model, ids, n_tokens, ignore_eos=True),
                            warmup=1, repeat=repeat, device=dev)
     with torch.inference_mode():
-        t_hf = bench.time_fn(lambda: hf.generate(ids, generation_config=gcfg), warmup=1,
+        t_hf = measure.time_fn(lambda: hf.generate(ids, generation_config=gcfg), warmup=1,
                              repeat=repeat, device=dev)
     return dict(n_tokens=n_tokens, prompt_len=prompt_len,
                 ours_tokens_per_s=n_tokens / t_ours.median, hf_tokens_per_s=n_tokens / t_hf.median,
@@ -122,7 +122,7 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
     p = SIZES[size]
     dev = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    limits = bench.device_limits(dev)
+    limits = measure.device_limits(dev)
     out = dict(benchmark="anatomy", lesson="01", size=size, limits=limits.to_dict(), models=[])
     work = len(p["models"]) * (len(p["prefill"]) + len(p["decode"]) + 1 + int(p["profile"]))
     bar = tqdm(total=work, desc="lesson 01", disable=not progress, leave=False)
@@ -160,7 +160,7 @@ def _profile_decode(model, context: int = 128) -> dict:
             torch.tensor([context], device=dev), cache)
     tok = torch.zeros(1, dtype=torch.long, device=dev)
     pos = torch.tensor([context], device=dev)
-    prof = bench.profile_step(lambda: decode_one_token(model, tok, pos, cache), steps=5, device=dev)
+    prof = measure.profile_step(lambda: decode_one_token(model, tok, pos, cache), steps=5, device=dev)
     d = prof.to_dict()
     d["summary"] = prof.summary()
     return d
@@ -185,9 +185,9 @@ def summary_rows(result: dict) -> list[dict]:
 
 def plot(result: dict, provenance: dict):
     """The device's roofline with every measured step as a point."""
-    from .. import plots
+    from ..measure import plots
 
-    limits = bench.DeviceLimits(**result["limits"])
+    limits = measure.DeviceLimits(**result["limits"])
     dtype = result["models"][0]["dtype"]
     points = []
     for m in result["models"]:
@@ -196,4 +196,4 @@ def plot(result: dict, provenance: dict):
             label = f"{short} {r['phase']} b={r['batch']}" + (
                 f" T={r['tokens']}" if r["phase"] == "prefill" else "")
             points.append((label, r["intensity"], r["flops_per_s"]))
-    return plots.roofline(limits, points, dtypes=[bench.dtype_key(dtype)], provenance=provenance)
+    return plots.roofline(limits, points, dtypes=[measure.dtype_key(dtype)], provenance=provenance)

@@ -1,5 +1,8 @@
 """Lesson 06 benchmark: our flash-attention kernels against torch SDPA and naive attention.
 
+(Over 400 lines: prefill, decode and memory sweeps share one result format,
+summary and plot; they are one benchmark.)
+
 * Prefill (forward only), queries = keys = N: TFLOP/s and peak memory of
 
   - ``ours``: :func:`llmopt_lab.kernels.flash_attention.flash_attention`;
@@ -35,10 +38,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .. import bench
 from ..kernels import INTERPRETED, can_launch
 from ..kernels.flash_attention import flash_attention
 from ..kernels.flash_decode import flash_decode
+from ..measure import peak_memory, time_fn
 
 PREFILL_IMPLS = ("ours", "sdpa_flash", "sdpa_cudnn", "naive")
 DECODE_IMPLS = ("ours", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "naive")
@@ -184,7 +187,7 @@ def peak_bytes(fn, device) -> int:
         out = fn()
         del out
     release_free_memory()
-    with bench.peak_memory(dev) as mem:
+    with peak_memory(dev) as mem:
         out = fn()
         del out
     return mem.peak_increase
@@ -222,7 +225,7 @@ def measure(fn, device, flops: float | None = None, nbytes: float | None = None,
     """
     failure = None
     try:
-        t = bench.time_fn(fn, warmup=warmup, repeat=repeat, device=device)
+        t = time_fn(fn, warmup=warmup, repeat=repeat, device=device)
         peak = peak_bytes(fn, device)
     except Exception as e:  # noqa: BLE001 - sorted into statuses below
         failure = _classify(e)
@@ -441,7 +444,7 @@ def plot(result: dict, provenance: dict, dtype: str | None = None, head_dim: int
          causal: bool | None = None):
     """Prefill throughput (TFLOP/s, or GFLOP/s below 1 TFLOP/s) against the
     sequence length, one line per implementation, for one case."""
-    from .. import plots
+    from ..measure import plots
 
     rows = [r for r in result["rows"] if r["phase"] == "prefill"]
     dtype = dtype or rows[0]["dtype"]

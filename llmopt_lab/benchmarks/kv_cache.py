@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import bench
+from .. import measure
 from ..generate import decode_one_token, prefill
-from ..kv_cache import make_cache
+from ..cache import make_cache
 from ..weights import ZOO, load_model
 
 KINDS = ("none", "dynamic", "static", "int8")
@@ -58,7 +58,7 @@ def step_latency(model, kind: str, position: int, steps: int = 5, max_len: int |
                 h = model.hidden_states(ids)
                 model.lm_head(h[:, -1])
 
-        t = bench.time_fn(step, warmup=WARMUP, repeat=steps, device=dev)
+        t = measure.time_fn(step, warmup=WARMUP, repeat=steps, device=dev)
         return dict(kind=kind, position=position, time_s=t.median, cache_bytes=0)
     max_len = max_len or min(position + WARMUP + steps + 1, model.config.max_position_embeddings)
     cache = make_cache(kind, model.config, 1, max_len, device=dev, dtype=model.dtype)
@@ -70,7 +70,7 @@ def step_latency(model, kind: str, position: int, steps: int = 5, max_len: int |
         decode_one_token(model, tok, state["pos"], cache)
         state["pos"] = state["pos"] + 1
 
-    t = bench.time_fn(step, warmup=WARMUP, repeat=steps, device=dev)
+    t = measure.time_fn(step, warmup=WARMUP, repeat=steps, device=dev)
     return dict(kind=kind, position=position, time_s=t.median, cache_bytes=cache.nbytes)
 
 
@@ -85,10 +85,10 @@ def per_token_times(model, kind: str, n_tokens: int) -> list[float]:
     pos = torch.tensor([1], device=dev)
     times = []
     for _ in range(n_tokens):
-        bench.synchronize(dev)
+        measure.synchronize(dev)
         t0 = time.perf_counter()
         decode_one_token(model, tok, pos, cache)
-        bench.synchronize(dev)
+        measure.synchronize(dev)
         times.append(time.perf_counter() - t0)
         pos = pos + 1
     return times
@@ -142,12 +142,12 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
         cache = make_cache("static", model.config, 1, top, device=dev, dtype=model.dtype)
         prefill(model, _ids(model, last), torch.tensor([last], device=dev), cache)
         tok, pos = torch.zeros(1, dtype=torch.long, device=dev), torch.tensor([last], device=dev)
-        prof = bench.profile_step(lambda: decode_one_token(model, tok, pos, cache), steps=5,
+        prof = measure.profile_step(lambda: decode_one_token(model, tok, pos, cache), steps=5,
                                   device=dev)
         out["profile"] = dict(prof.to_dict(), summary=prof.summary())
-        cost = bench.step_cost(model.config, 1, 1, last, model.dtype)
+        cost = measure.step_cost(model.config, 1, 1, last, model.dtype)
         out["flop_ratio_none_vs_static"] = (
-            bench.step_cost(model.config, 1, last + 1, 0, model.dtype).flops / cost.flops)
+            measure.step_cost(model.config, 1, last + 1, 0, model.dtype).flops / cost.flops)
     bar.update()
     bar.close()
     return out
@@ -212,7 +212,7 @@ def summary_text(result: dict) -> str:
 
 def plot(result: dict, provenance: dict):
     """Time per token against position, one line per cache."""
-    from .. import plots
+    from ..measure import plots
 
     positions = sorted({r["position"] for r in result["rows"]})
     series = {kind: [next(r["time_s"] * 1e3 for r in result["rows"]
@@ -234,7 +234,7 @@ def cache_quality(model, ids: torch.Tensor, lengths: torch.Tensor, kind: str = "
     every token after a window's first, the mean KL(exact || lossy) of the
     next-token distributions and their top-1 agreement.
     """
-    from ..metrics import kl_divergence, perplexity_from_nll, token_nll, top1_agreement
+    from ..measure.metrics import kl_divergence, perplexity_from_nll, token_nll, top1_agreement
 
     dev = model.device
     nll = {"static": 0.0, kind: 0.0}

@@ -7,7 +7,7 @@
     Reported as weight bytes moved per second (GB/s), the fraction of the
     device's memory bandwidth, and the speed-up over bf16. The weights are
     rotated through copies larger than the L2 cache
-    (:class:`llmopt_lab.bench.OperandRotation`), so every run reads them from
+    (:class:`llmopt_lab.measure.OperandRotation`), so every run reads them from
     memory. On a GPU a small sweep of GEMV launch configurations (block_n,
     split_k) is recorded beside the defaults.
 (b) Models: decode tokens/s (static KV cache; eager, and replayed as a CUDA
@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from .. import bench
+from .. import measure
 from ..weights import ZOO, load_model
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K in, N out)
@@ -145,8 +145,8 @@ def time_matmul(kind: str, M: int, K: int, N: int, device, dtype=torch.bfloat16,
     x = torch.randn(M, K, generator=g, device=device).to(dtype)
     ops, fn = _kernel_fns(kind, W, group, config)
     del W
-    rot = bench.OperandRotation(ops)
-    t = bench.time_fn(lambda o: fn(o, x), warmup=3, repeat=repeat, device=device, setup=rot.next)
+    rot = measure.OperandRotation(ops)
+    t = measure.time_fn(lambda o: fn(o, x), warmup=3, repeat=repeat, device=device, setup=rot.next)
     nbytes = _weight_bytes(kind, N, K, group) + x.numel() * x.element_size()
     return dict(kind=kind, M=M, K=K, N=N, time_s=t.median, spread=t.spread, bytes=nbytes,
                 gb_s=nbytes / t.median / 1e9, copies=rot.copies)
@@ -217,30 +217,28 @@ def _load(name: str, device, dtype):
 
 def decode_speed(model, batch: int, context: int, steps: int, graph: bool) -> dict:
     """Median seconds of one decode step (batch sequences after ``context``
-    tokens, static cache), eager or replayed from a CUDA graph."""
-    from ..generate import decode_one_token, prefill
-    from ..kv_cache import StaticCache
+    tokens, static cache), eager or replayed from a CUDA graph
+    (:class:`llmopt_lab.graphs.GraphedDecoder`)."""
+    from ..cache import StaticCache
+    from ..generate import prefill
+    from ..graphs import GraphedDecoder
+    from ..step import host_step, run_step
 
     c, dev = model.config, model.device
     cache = StaticCache(c, batch, context + 8, device=dev, dtype=model.dtype)
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, c.vocab_size, (batch, context), generator=g).to(dev)
     prefill(model, ids, torch.full((batch,), context, device=dev), cache)
-    tok = torch.zeros(batch, dtype=torch.long, device=dev)
-    pos = torch.full((batch,), context, dtype=torch.long, device=dev)
-    step = lambda: decode_one_token(model, tok, pos, cache)  # noqa: E731
+    host = host_step([[0]] * batch, [context] * batch, [[i] for i in range(batch)], cache.block_size,
+                     contiguous=True)
     if graph:
-        s = torch.cuda.Stream(dev)
-        s.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(s):
-            for _ in range(3):  # compile the kernels, allocate, outside the capture
-                step()
-        torch.cuda.current_stream(dev).wait_stream(s)
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
-            step()
-        step = cuda_graph.replay
-    t = bench.time_fn(step, warmup=2, repeat=steps, device=dev)
+        decoder = GraphedDecoder(model, cache, max_batch=batch, buckets=[batch])
+        decoder.run(host)
+        step = decoder.replay
+    else:
+        eager = host.to_step(dev)
+        step = lambda: run_step(model, cache, eager)  # noqa: E731
+    t = measure.time_fn(step, warmup=2, repeat=steps, device=dev)
     return dict(time_s=t.median, spread=t.spread, tokens_per_s=batch / t.median)
 
 
@@ -262,7 +260,7 @@ def measure_models(p: dict, device, progress=None) -> list[dict]:
             row = dict(format=fmt if fmt != "float" else entry["dtype"], bytes=model_bytes(model),
                        kernels=device.type == "cuda" and fmt not in ("float", "fp8"))
             for batch in p["decode_batches"]:
-                with bench.peak_memory(device) as mem:
+                with measure.peak_memory(device) as mem:
                     eager = decode_speed(model, batch, p["context"], p["steps"], graph=False)
                 r = dict(batch=batch, eager_tokens_per_s=eager["tokens_per_s"],
                          eager_time_s=eager["time_s"], peak_bytes=mem.peak)
@@ -355,7 +353,7 @@ def _recovery(rows: list[dict]) -> None:
     of RTN's damage (same group size) they undo: in perplexity, with its
     interval (wide when RTN's increase is small), and in KL (steadier).
     Drops the per-window sums afterwards."""
-    from ..metrics import ppl_delta_interval, recovery, recovery_interval
+    from ..measure.metrics import ppl_delta_interval, recovery, recovery_interval
 
     for r in rows:
         w = r["windows"]
@@ -438,7 +436,7 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
 
     p = SIZES[size]
     dev = _device(device)
-    limits = bench.device_limits(dev)
+    limits = measure.device_limits(dev)
     out = dict(benchmark="quantization", lesson="03", size=size, limits=limits.to_dict())
     bar = tqdm(desc="lesson 03", disable=not progress, leave=False)
 
@@ -520,7 +518,7 @@ def summary_text(result: dict) -> str:
 def plot(result: dict, provenance: dict):
     """Kernel speed-ups over bf16 (a GPU), else quality (perplexity increase
     per method, with its 90% interval where the result has one)."""
-    from .. import plots
+    from ..measure import plots
 
     kern = [r for r in result.get("kernels", []) if "sweep" not in r and r["kind"] != "bf16"]
     if kern:

@@ -30,9 +30,9 @@ import time
 
 import torch
 
-from .. import bench
+from .. import measure
 from ..generate import generate
-from ..metrics import speedup_interval
+from ..measure.metrics import speedup_interval
 from ..speculative import SpecStats, expected_speedup, speculative_generate
 from ..weights import ZOO, load_model
 
@@ -83,7 +83,7 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
     names = (p["target"], p["draft"])
     if any(n in ZOO and not (ZOO[n] / "config.json").exists() for n in names):
         names = ("synthetic:tiny", "synthetic:tiny")
-    dtype = bench.fastest_dtype(dev) if p["dtype"] == "fastest" else p["dtype"]
+    dtype = measure.fastest_dtype(dev) if p["dtype"] == "fastest" else p["dtype"]
     target, tok = load_model(names[0], device=dev, dtype=dtype)
     draft, _ = load_model(names[1], device=dev, dtype=dtype)
     if tok is not None:
@@ -101,9 +101,9 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
     generate(target, [prompts[0]], 4, ignore_eos=True)
     speculative_generate(target, draft, [prompts[0]], 4, k=2, ignore_eos=True)
     # the draft's cost per token relative to the target's, with the same decode path
-    t_target = bench.time_fn(lambda: generate(target, [prompts[0]], n, ignore_eos=True),
+    t_target = measure.time_fn(lambda: generate(target, [prompts[0]], n, ignore_eos=True),
                              warmup=0, repeat=3, device=dev).median
-    t_draft = bench.time_fn(lambda: generate(draft, [prompts[0]], n, ignore_eos=True),
+    t_draft = measure.time_fn(lambda: generate(draft, [prompts[0]], n, ignore_eos=True),
                             warmup=0, repeat=3, device=dev).median
     cost_ratio = t_draft / t_target
     rows = []
@@ -177,7 +177,7 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
             bar.update(len(prompts))
     bar.close()
     return dict(benchmark="speculative", lesson="08", size=size, target=names[0], draft=names[1],
-                dtype=bench.dtype_key(target.dtype),
+                dtype=measure.dtype_key(target.dtype),
                 new_tokens=n, prompts=len(prompts), prompt_len=p["prompt_len"],
                 draft_cost_ratio=cost_ratio, rows=rows)
 
@@ -197,7 +197,7 @@ def summary_rows(result: dict) -> list[dict]:
 
 def plot(result: dict, provenance: dict):
     """Measured and predicted speed-up of greedy draft speculation against k."""
-    from .. import plots
+    from ..measure import plots
 
     rows = [r for r in result["rows"] if r["mode"] == "greedy" and r["method"] == "draft"]
     ks = [r["k"] for r in rows]

@@ -10,11 +10,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .. import bench, kernels
+    from .. import kernels, measure
     from ..weights import ZOO, resolve_device
 
     dev = resolve_device(args.device)
-    prov = bench.provenance(dev)
+    prov = measure.provenance(dev)
     print(f"device        {prov['device']} ({dev})")
     print(f"python        {prov['python']} on {prov['platform']}")
     print(f"torch         {prov['torch']} (CUDA {prov['cuda'] or 'none'})")
@@ -24,7 +24,7 @@ def run(args) -> int:
     built = [name for name, path in ZOO.items() if (path / "config.json").exists()]
     print(f"zoo models    {', '.join(built) if built else 'none built (python -m llmopt_lab train-zoo)'}")
     try:
-        limits = bench.device_limits(dev, measure=not args.no_measure or None)
+        limits = measure.device_limits(dev, measure=not args.no_measure or None)
     except ValueError:
         print("limits        not in the table; run without --no-measure to measure them")
         return 0

@@ -45,19 +45,19 @@ def format_table(rows: list[dict]) -> str:
 
 def run_benchmarks(benchmarks, device, size: str, out: Path | None, plot: bool = True,
                    progress: bool = True) -> int:
-    from .. import bench
+    from .. import measure
     from ..benchmarks import resolve_size
     from ..weights import resolve_device
 
     dev = resolve_device(device)
-    prov = bench.provenance(dev)
+    prov = measure.provenance(dev)
     print(f"{prov['device']} | torch {prov['torch']} | triton {prov['triton']} | "
           f"commit {prov['git_commit'][:12]}")
     for b in benchmarks:
         module = b.load()
         chosen = resolve_size(module, size, dev)
         result = module.run(chosen, dev, progress=progress)
-        path = bench.save_result(f"{b.number}_{b.name}", result, root=out, device=dev)
+        path = measure.save_result(f"{b.number}_{b.name}", result, root=out, device=dev)
         _report(b, module, result, prov, path, plot)
     return 0
 

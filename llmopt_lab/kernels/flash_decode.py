@@ -20,7 +20,7 @@ Kernel 2, grid (B * Hq * T,): combines the partials of one query row.
 
 Causal by position, aligned bottom-right: with the default ``q_start``, query
 i of T sits at position ``k_len - T + i`` and sees the keys at positions <= its
-own (cache slot j holds position j, as in :class:`llmopt_lab.kv_cache.StaticCache`).
+own (cache slot j holds position j, as in :class:`llmopt_lab.cache.StaticCache`).
 Reference: :func:`reference.attention_ref` with that mask.
 """
 

@@ -1,5 +1,8 @@
 """Matrix multiplies with quantized weights that dequantize inside the kernel.
 
+(Over 400 lines: three kernel families share one jitted epilogue, one config
+table and one wrapper pattern; apart they would each repeat them.)
+
 ``y = x @ W.T (+ bias)`` where W (N out x K in) is stored in one of the formats
 of :mod:`llmopt_lab.kernels.reference` and x is float32, float16 or bfloat16.
 The weights are never written out in a float format: each tile is read in its

@@ -1,5 +1,8 @@
 """``python -m llmopt_lab train-zoo``: train the built-in models from scratch.
 
+(Over 400 lines: the zoo's whole recipe, tokenizer to model cards, reads top to bottom
+in one file; the training loop itself is :mod:`llmopt_lab.training`.)
+
 What it does, in order (each stage can be run alone with ``--only``):
 
 1. ``tokenizer``: a byte-level BPE tokenizer of :data:`VOCAB_SIZE` entries
@@ -28,23 +31,22 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import platform
 import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import data
 from ..config import ModelConfig
 from ..errors import LlmoptError
 from ..generate import generate
 from ..model import Transformer
+from ..training import TrainSettings, autocast_plan, lm_loss, train
 from ..weights import load_model, save_model
 from . import DRAFT_NAME, TEACHER_NAME, ZOO_ROOT
 
@@ -78,49 +80,6 @@ DRAFT_CANDIDATES = {
         name=DRAFT_NAME, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=2,
         num_kv_heads=1, head_dim=64),
 }
-
-
-@dataclass
-class TrainSettings:
-    """A training budget, fixed before the run: steps x batch_size x seq_len tokens.
-
-    AdamW (decoupled weight decay on matrices only), linear warm-up for
-    ``warmup_frac`` of the steps, then cosine decay to ``min_lr_ratio`` x lr;
-    gradients clipped to ``grad_clip`` (global L2 norm). Held-out loss on the
-    quick set every ``eval_every`` steps.
-    """
-
-    steps: int = 1000
-    batch_size: int = 16
-    seq_len: int = 512
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_frac: float = 0.05
-    weight_decay: float = 0.1
-    betas: tuple = (0.9, 0.95)
-    grad_clip: float = 1.0
-    seed: int = 0
-    eval_every: int = 50
-    #: "bf16": matmuls under bfloat16 autocast (float32 master weights, loss
-    #: and evaluation in float32); "fp32": everything in float32.
-    precision: str = "fp32"
-
-    @property
-    def tokens(self) -> int:
-        return self.steps * self.batch_size * self.seq_len
-
-    @property
-    def warmup_steps(self) -> int:
-        return max(1, round(self.warmup_frac * self.steps))
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step ``step`` (0-based)."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        span = max(1, self.steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
 
 
 #: 1000 steps x 16 x 512 = 8.2M tokens (about an hour on 2 CPU cores).
@@ -228,78 +187,29 @@ class Batches:
 def auto_precision() -> str:
     """bf16 autocast where the CPU computes bfloat16 natively (AVX512-BF16 or
     AMX: about 1.6x faster training here), float32 elsewhere (emulated
-    bfloat16 would be slower)."""
-    from ..bench import native_bf16
-
-    return "bf16" if native_bf16("cpu") else "fp32"
-
-
-def _optimizer(model: Transformer, s: TrainSettings) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=s.lr, betas=tuple(s.betas))
+    bfloat16 would be slower): :func:`llmopt_lab.training.autocast_plan` on the CPU."""
+    return autocast_plan("auto", "cpu").precision
 
 
 def train_model(config: ModelConfig, batches: Batches, evalset: data.EvalSet, s: TrainSettings,
                 desc: str, checkpoint: Path | None = None, resume: bool = False):
-    """Train a model from scratch (seeded). Returns (model, log dict).
+    """Train a model from scratch (seeded) on the CPU with
+    :func:`llmopt_lab.training.train`. Returns (model, log dict).
 
     The log holds the training loss (mean over each 10 steps), the quick
     held-out loss every ``s.eval_every`` steps and at the end, and the
     training time (evaluations excluded). ``checkpoint``: a file to save the
     state to at every evaluation, and to resume from when ``resume``.
     """
-    from tqdm.auto import tqdm
-
     torch.manual_seed(s.seed)
     model = Transformer.from_config(config, seed=s.seed).train()
-    opt = _optimizer(model, s)
-    log = {"train_loss": [], "heldout": [], "train_seconds": 0.0}
-    start = 0
-    if resume and checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        log, start = state["log"], state["step"]
-        print(f"resumed {desc} from {checkpoint} at step {start}", file=sys.stderr)
-    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc=desc, mininterval=2.0,
-               file=sys.stderr, dynamic_ncols=True)
-    window, run_tokens, run_seconds = [], 0, 0.0
-    for step in bar:
-        t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = s.lr_at(step)
-        batch = batches(step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.precision == "bf16"):
-            logits = model(batch[:, :-1])  # (B, T, V)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                               batch[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        opt.step()
-        log["train_seconds"] += time.perf_counter() - t0
-        window.append(loss.item())
-        if (step + 1) % 10 == 0 or step + 1 == s.steps:
-            log["train_loss"].append([step + 1, round(statistics.fmean(window), 4)])
-            window = []
-        done = step + 1
-        if done % s.eval_every == 0 or done == s.steps:
-            r = data.evaluate_nll(model, evalset)
-            log["heldout"].append({"step": done, "tokens": done * s.batch_size * s.seq_len,
-                                   "loss": round(r.nll, 4), "perplexity": round(r.perplexity, 3)})
-            if checkpoint is not None:
-                checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "log": log, "step": done}, checkpoint)
-        held = log["heldout"][-1]["loss"] if log["heldout"] else float("nan")
-        run_tokens += s.batch_size * s.seq_len
-        run_seconds += time.perf_counter() - t0
-        bar.set_postfix(loss=f"{window[-1] if window else log['train_loss'][-1][1]:.3f}", heldout=f"{held:.3f}",
-                        tok_s=f"{run_tokens / run_seconds:.0f}", refresh=False)
-    bar.close()
+
+    def heldout(m) -> dict:
+        r = data.evaluate_nll(m, evalset)
+        return {"loss": round(r.nll, 4), "perplexity": round(r.perplexity, 3)}
+
+    log = train(model, batches, s, loss_fn=lm_loss, evaluate=heldout, checkpoint=checkpoint,
+                resume=resume and checkpoint is not None, desc=desc)
     return model.eval(), log
 
 

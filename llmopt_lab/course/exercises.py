@@ -8,7 +8,7 @@ saying what to implement (the text after ``### BEGIN SOLUTION:`` if given,
 else the function's name), and clears every output.
 
 Grader cells carry the cell tag ``grader``: they call
-:func:`llmopt_lab.grading.check` on the learner's function. In a solution
+:func:`llmopt_lab.course.grading.check` on the learner's function. In a solution
 notebook they pass; in an exercise notebook each of them must fail.
 
 Command line::
@@ -129,7 +129,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     root = Path(args.root)
     if not (root / "solutions").is_dir():
-        from .errors import LlmoptError
+        from ..errors import LlmoptError
 
         raise LlmoptError(f"no solutions/ folder under {root.resolve()}; run from the repository root")
     try:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import bench
-from .config import ModelConfig
+from .. import measure
+from ..config import ModelConfig
 
 POWERS_OF_TWO = [2 ** i for i in range(0, 15)]
 
 
-def roofline_point(config: ModelConfig, limits: "bench.DeviceLimits", dtype: Any, phase: str,
+def roofline_point(config: ModelConfig, limits: "measure.DeviceLimits", dtype: Any, phase: str,
                    batch: int, seq_len: int) -> dict:
     """Where one step lands on a device's roofline (analytic, no measurement).
 
@@ -25,10 +25,10 @@ def roofline_point(config: ModelConfig, limits: "bench.DeviceLimits", dtype: Any
     attainable FLOP/s and the tokens/s the bound allows.
     """
     if phase == "prefill":
-        cost = bench.step_cost(config, batch, seq_len, 0, dtype)
+        cost = measure.step_cost(config, batch, seq_len, 0, dtype)
         tokens = batch * seq_len
     elif phase == "decode":
-        cost = bench.step_cost(config, batch, 1, seq_len, dtype)
+        cost = measure.step_cost(config, batch, 1, seq_len, dtype)
         tokens = batch
     else:
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
@@ -40,7 +40,7 @@ def roofline_point(config: ModelConfig, limits: "bench.DeviceLimits", dtype: Any
                 attainable_flops=cost.flops / bound, tokens_per_s=tokens / bound)
 
 
-def roofline_explorer(config: ModelConfig, limits: "bench.DeviceLimits", dtype: Any = "bf16",
+def roofline_explorer(config: ModelConfig, limits: "measure.DeviceLimits", dtype: Any = "bf16",
                       provenance: dict | None = None):
     """Sliders for batch size and sequence length (and the phase) that move a
     step's point on ``limits``' roofline and say which roof binds.
@@ -51,7 +51,7 @@ def roofline_explorer(config: ModelConfig, limits: "bench.DeviceLimits", dtype: 
     import ipywidgets as W
     import matplotlib.pyplot as plt
 
-    from . import plots
+    from ..measure import plots
 
     batch = W.SelectionSlider(options=POWERS_OF_TWO[:11], value=1, description="batch")
     seq = W.SelectionSlider(options=POWERS_OF_TWO[4:], value=1024, description="seq len")
@@ -60,7 +60,7 @@ def roofline_explorer(config: ModelConfig, limits: "bench.DeviceLimits", dtype: 
     out = W.Output()
     box = W.VBox([W.HBox([batch, seq]), phase, label, out])
     box.controls = {"batch": batch, "seq": seq, "phase": phase}
-    key = bench.dtype_key(dtype)
+    key = measure.dtype_key(dtype)
 
     def redraw(_=None):
         p = roofline_point(config, limits, key, phase.value, batch.value, seq.value)
@@ -86,7 +86,7 @@ def roofline_explorer(config: ModelConfig, limits: "bench.DeviceLimits", dtype: 
     return box
 
 
-#: GPUs whose memory the KV explorer draws (keys of bench.GPU_TABLE)
+#: GPUs whose memory the KV explorer draws (keys of measure.GPU_TABLE)
 MEMORY_GPUS = ("T4", "L4", "A100 SXM 40GB", "A100 SXM 80GB", "H100 SXM", "H200 SXM")
 
 
@@ -94,12 +94,12 @@ def kv_memory(config: ModelConfig, batch: int, context: int, dtype: Any = "bfloa
               weight_dtype: Any = "bfloat16") -> dict:
     """KV-cache and weight bytes of a model at a batch and context, and which
     of :data:`MEMORY_GPUS` hold both (one GPU, no room left for activations)."""
-    from .config import bytes_per_element
-    from .kv_cache import kv_cache_bytes
+    from ..config import bytes_per_element
+    from ..cache import kv_cache_bytes
 
     kv = kv_cache_bytes(config, batch, context, dtype)
     weights = config.num_parameters() * bytes_per_element(weight_dtype)
-    fits = [g for g in MEMORY_GPUS if kv + weights <= bench.GPU_TABLE[g].memory_gb * 1e9]
+    fits = [g for g in MEMORY_GPUS if kv + weights <= measure.GPU_TABLE[g].memory_gb * 1e9]
     return dict(kv_bytes=kv, weight_bytes=weights, total_bytes=kv + weights, fits=fits)
 
 
@@ -135,7 +135,7 @@ def kv_memory_explorer(configs: dict[str, ModelConfig]):
         ax.barh(["weights", "KV cache"], [s["weight_bytes"] / 1e9, s["kv_bytes"] / 1e9],
                 color=["0.6", "tab:blue"])
         for g in MEMORY_GPUS:
-            gb = bench.GPU_TABLE[g].memory_gb
+            gb = measure.GPU_TABLE[g].memory_gb
             ax.axvline(gb, color="tab:red", lw=0.8, ls="--")
             ax.text(gb, 1.45, g, rotation=90, fontsize=7, va="top", ha="right", color="tab:red")
         ax.set_xscale("log")
@@ -163,7 +163,7 @@ def speculative_explorer(measured: dict | None = None):
     import ipywidgets as W
     from matplotlib.figure import Figure
 
-    from .speculative import expected_speedup, expected_tokens_per_step
+    from ..speculative import expected_speedup, expected_tokens_per_step
 
     alpha = W.FloatSlider(value=0.7, min=0.0, max=0.99, step=0.01, description="accept rate")
     k = W.IntSlider(value=4, min=1, max=12, description="k")
@@ -242,7 +242,7 @@ def fake_quantized_quality(model, evalset_ids, lengths=None, include_lm_head: bo
 
     import torch
 
-    from .transforms.quantize import compare_quality, fake_quantize, linear_layers
+    from ..transforms.quantize import compare_quality, fake_quantize, linear_layers
 
     source = linear_layers(model, include_lm_head)
     work = copy.deepcopy(model)
@@ -282,7 +282,7 @@ def quantization_explorer(weight, quality_fn=None, name: str = "weight"):
     import ipywidgets as W
     from matplotlib.figure import Figure
 
-    from .transforms.quantize import fake_quantize, quantization_error
+    from ..transforms.quantize import fake_quantize, quantization_error
 
     w = weight.detach().float()
     if w.dim() != 2:

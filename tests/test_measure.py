@@ -1,4 +1,4 @@
-"""Tests of llmopt_lab.bench: timers, memory, limits table, FLOP formulas, I/O."""
+"""Tests of llmopt_lab.measure: timers, memory, limits table, FLOP formulas, I/O."""
 
 import datetime
 import json
@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from llmopt_lab import StaticCache, Transformer, bench, decode_one_token, metrics, prefill, preset
+from llmopt_lab import StaticCache, Transformer, decode_one_token, measure, prefill, preset
 from llmopt_lab.config import ModelConfig
 from llmopt_lab.kernels.reference import causal_mask
+from llmopt_lab.measure import metrics
 
 GiB = 1 << 30
 
@@ -26,7 +27,7 @@ def test_time_fn_measures_a_known_sleep():
         calls.append(1)
         time.sleep(0.02)
 
-    t = bench.time_fn(fn, warmup=1, repeat=5, device="cpu")
+    t = measure.time_fn(fn, warmup=1, repeat=5, device="cpu")
     assert len(calls) == 6  # warm-up + timed runs
     assert len(t.samples) == 5 and t.unit == "s"
     assert 0.02 <= t.min <= t.median <= t.max
@@ -43,7 +44,7 @@ def test_time_fn_setup_feeds_fn_untimed():
         time.sleep(0.02)  # must not be timed
         return next(counter)
 
-    t = bench.time_fn(seen.append, warmup=2, repeat=3, device="cpu", setup=setup,
+    t = measure.time_fn(seen.append, warmup=2, repeat=3, device="cpu", setup=setup,
                       flush_l2=True, flush_bytes=1 << 20)
     assert seen == [0, 1, 2, 3, 4]
     assert t.max < 0.02
@@ -51,30 +52,30 @@ def test_time_fn_setup_feeds_fn_untimed():
 
 def test_time_fn_rejects_bad_counts():
     with pytest.raises(ValueError):
-        bench.time_fn(lambda: None, repeat=0, device="cpu")
+        measure.time_fn(lambda: None, repeat=0, device="cpu")
 
 
 def test_rotation_copy_count():
     MB = 10 ** 6
-    assert bench.OperandRotation.copies_needed(10 * MB, 50 * MB, margin=1.0) == 6  # 60 > 50
-    assert bench.OperandRotation.copies_needed(10 * MB, 50 * MB) == 11  # 110 > 100
-    assert bench.OperandRotation.copies_needed(25 * MB, 50 * MB, margin=1.0) == 3
-    assert bench.OperandRotation.copies_needed(200 * MB, 50 * MB) == 1  # too big to cache
+    assert measure.OperandRotation.copies_needed(10 * MB, 50 * MB, margin=1.0) == 6  # 60 > 50
+    assert measure.OperandRotation.copies_needed(10 * MB, 50 * MB) == 11  # 110 > 100
+    assert measure.OperandRotation.copies_needed(25 * MB, 50 * MB, margin=1.0) == 3
+    assert measure.OperandRotation.copies_needed(200 * MB, 50 * MB) == 1  # too big to cache
     a, b = torch.randn(10, 10), torch.randn(10, 15)  # 400 + 600 bytes
-    rot = bench.OperandRotation((a, b, "flag"), l2_bytes=1000, margin=2.0)
+    rot = measure.OperandRotation((a, b, "flag"), l2_bytes=1000, margin=2.0)
     assert len(rot) == 3 and rot.total_bytes == 3000 > 2 * 1000
     sets = [rot.next() for _ in range(4)]
     assert sets[0][0] is a and sets[3][0] is a  # round robin, the first set is the original
     ptrs = {s[0].data_ptr() for s in sets[:3]}
     assert len(ptrs) == 3
     assert all(torch.equal(s[1], b) and s[2] == "flag" for s in sets)
-    single = bench.OperandRotation(a, l2_bytes=1000, margin=1.0)
+    single = measure.OperandRotation(a, l2_bytes=1000, margin=1.0)
     assert len(single) == 3 and isinstance(single.next(), torch.Tensor)
 
 
 # ------------------------------------------------------------------ memory
 def test_peak_memory_cpu_sees_a_large_temporary():
-    with bench.peak_memory("cpu") as mem:
+    with measure.peak_memory("cpu") as mem:
         x = torch.ones(50_000_000)  # 200 MB
         x += 1
         del x
@@ -112,8 +113,8 @@ def test_peak_memory_cpu_sees_a_large_temporary():
     ("NVIDIA GeForce RTX 4080", 15.6, 76, "RTX 4080"),
 ])
 def test_lookup_gpu_by_name(name, memory_gib, sms, key):
-    spec = bench.lookup_gpu(name, int(memory_gib * GiB), sms)
-    assert spec is bench.GPU_TABLE[key]
+    spec = measure.lookup_gpu(name, int(memory_gib * GiB), sms)
+    assert spec is measure.GPU_TABLE[key]
 
 
 @pytest.mark.parametrize("name", [
@@ -121,11 +122,11 @@ def test_lookup_gpu_by_name(name, memory_gib, sms, key):
     "NVIDIA GeForce RTX 3090 Ti", "NVIDIA GeForce RTX 4090 D", "AMD Instinct MI300X", "cpu",
 ])
 def test_lookup_gpu_unknown_is_none(name):
-    assert bench.lookup_gpu(name) is None
+    assert measure.lookup_gpu(name) is None
 
 
 def test_table_figures_are_dense_vendor_figures():
-    t = bench.GPU_TABLE
+    t = measure.GPU_TABLE
     assert t["H100 SXM"].peak_flops["bf16"] == pytest.approx(989e12, rel=1e-3)
     assert t["H100 SXM"].bandwidth == 3.35e12
     assert t["H100 PCIe"].peak_flops["bf16"] == pytest.approx(756e12, rel=1e-3)
@@ -160,19 +161,19 @@ def test_device_limits_uses_the_table_for_a_known_gpu(monkeypatch):
     def no_measuring(*a, **k):
         raise AssertionError("a table hit must not measure")
 
-    monkeypatch.setattr(bench, "measure_bandwidth", no_measuring)
-    lim = bench.device_limits(torch.device("cuda", 0))
+    monkeypatch.setattr(measure.device, "measure_bandwidth", no_measuring)
+    lim = measure.device_limits(torch.device("cuda", 0))
     assert lim.source == "table" and lim.name == "NVIDIA H100 80GB HBM3"
-    table_bf16 = bench.GPU_TABLE["H100 SXM"].peak_flops["bf16"]
+    table_bf16 = measure.GPU_TABLE["H100 SXM"].peak_flops["bf16"]
     assert lim.flops(torch.bfloat16) == lim.flops("bf16") == table_bf16
     assert lim.ridge_point("bf16") == pytest.approx(989.4e12 / 3.35e12)
-    assert bench.device_slug(torch.device("cuda", 0)) == "nvidia-h100-80gb-hbm3"
-    assert bench.l2_cache_bytes(torch.device("cuda", 0)) == 50 * (1 << 20)
+    assert measure.device_slug(torch.device("cuda", 0)) == "nvidia-h100-80gb-hbm3"
+    assert measure.l2_cache_bytes(torch.device("cuda", 0)) == 50 * (1 << 20)
 
 
 def test_device_limits_cpu_is_measured():
     t0 = time.perf_counter()
-    lim = bench.device_limits("cpu")
+    lim = measure.device_limits("cpu")
     elapsed = time.perf_counter() - t0
     assert lim.source == "measured"
     assert lim.bandwidth > 1e8 and lim.flops(torch.float32) > 1e8
@@ -180,7 +181,7 @@ def test_device_limits_cpu_is_measured():
     with pytest.raises(KeyError):
         lim.flops("fp8")
     with pytest.raises(ValueError):
-        bench.device_limits("cpu", measure=False)
+        measure.device_limits("cpu", measure=False)
     assert elapsed < 10  # about a second when the machine is not shared
     print(f"\n{lim}  ({elapsed:.2f} s)")
 
@@ -213,15 +214,15 @@ def test_step_cost_matches_flop_counter(make_config):
     ids = torch.randint(0, config.vocab_size, (B, T))
     cache = StaticCache(config, B, max_len)
     got = _counted(lambda: prefill(model, ids, torch.full((B,), T), cache))
-    assert got == bench.step_cost(config, B, T, 0, counted_context=max_len).flops
+    assert got == measure.step_cost(config, B, T, 0, counted_context=max_len).flops
 
     tok, pos = ids[:, -1], torch.full((B,), T)
     got = _counted(lambda: decode_one_token(model, tok, pos, cache))
-    assert got == bench.step_cost(config, B, 1, T, counted_context=max_len).flops
+    assert got == measure.step_cost(config, B, 1, T, counted_context=max_len).flops
 
     # no cache: keys are the T prompt tokens; logits for every position
     got = _counted(lambda: model(ids))
-    assert got == bench.step_cost(config, B, T, 0, logit_tokens=T, counted_context=T).flops
+    assert got == measure.step_cost(config, B, T, 0, logit_tokens=T, counted_context=T).flops
 
 
 def test_step_cost_linear_part_with_sdpa():
@@ -233,7 +234,7 @@ def test_step_cost_linear_part_with_sdpa():
     B, T, max_len = 1, 5, 8
     cache = StaticCache(config, B, max_len)
     got = _counted(lambda: prefill(model, torch.randint(0, 512, (B, T)), torch.tensor([T]), cache))
-    cost = bench.step_cost(config, B, T, 0, counted_context=max_len)
+    cost = measure.step_cost(config, B, T, 0, counted_context=max_len)
     no_attention = cost.breakdown["flops_linear"] + cost.breakdown["flops_lm_head"]
     assert got in (no_attention, cost.flops)
 
@@ -249,11 +250,11 @@ def test_causal_count_is_the_number_of_visible_keys():
     k_pos = torch.arange(ctx + T).expand(B, ctx + T)
     pairs = sum(int(causal_mask(q_pos, k_pos, None, config.layer_window(i)).sum())
                 for i in range(config.num_layers))
-    cost = bench.step_cost(config, B, T, ctx)
+    cost = measure.step_cost(config, B, T, ctx)
     assert cost.breakdown["flops_attention"] == 4 * config.num_heads * config.head_dim * pairs
     # causal prefill from empty, no window: T (T + 1) / 2 pairs per head and layer
     tiny = preset("tiny")
-    cost = bench.step_cost(tiny, 1, 10, 0)
+    cost = measure.step_cost(tiny, 1, 10, 0)
     assert cost.breakdown["flops_attention"] == (
         4 * tiny.num_heads * tiny.head_dim * 55 * tiny.num_layers)
 
@@ -261,38 +262,38 @@ def test_causal_count_is_the_number_of_visible_keys():
 def test_step_cost_bytes_of_a_decode_step():
     c = preset("tiny")  # untied
     L = 100
-    cost = bench.step_cost(c, 1, 1, L, dtype_bytes=2, kv_dtype_bytes=1)
+    cost = measure.step_cost(c, 1, 1, L, dtype_bytes=2, kv_dtype_bytes=1)
     b = cost.breakdown
     assert b["bytes_weights"] == c.num_parameters(include_embeddings=False) * 2 + c.hidden_size * 2
     assert b["bytes_kv_read"] == 2 * c.kv_size * (L + 1) * c.num_layers * 1
     assert b["bytes_kv_write"] == 2 * c.kv_size * c.num_layers * 1
     assert cost.bytes == sum(v for k, v in b.items() if k.startswith("bytes_"))
     assert cost.flops == sum(v for k, v in b.items() if k.startswith("flops_"))
-    assert bench.step_cost(c, 1, 1, L, dtype_bytes=torch.bfloat16).bytes == \
-        bench.step_cost(c, 1, 1, L, dtype_bytes=2).bytes
+    assert measure.step_cost(c, 1, 1, L, dtype_bytes=torch.bfloat16).bytes == \
+        measure.step_cost(c, 1, 1, L, dtype_bytes=2).bytes
     # tied embeddings: the lm_head still reads vocab x hidden
     q = preset("qwen-0.5b")
-    w = bench.step_cost(q, 1, 1, 0).breakdown["bytes_weights"]
+    w = measure.step_cost(q, 1, 1, 0).breakdown["bytes_weights"]
     assert w == (q.num_parameters(include_embeddings=False) + q.vocab_size * q.hidden_size
                  + q.hidden_size) * 2
     # batch-1 decode of an 8B model is memory-bound: about 1 FLOP per byte
-    big = bench.step_cost(preset("llama3-8b"), 1, 1, 1024)
-    assert 0.8 < bench.arithmetic_intensity(big) < 1.2
-    assert bench.step_cost(preset("llama3-8b"), 64, 1, 1024).intensity > 30
+    big = measure.step_cost(preset("llama3-8b"), 1, 1, 1024)
+    assert 0.8 < measure.arithmetic_intensity(big) < 1.2
+    assert measure.step_cost(preset("llama3-8b"), 64, 1, 1024).intensity > 30
     with pytest.raises(ValueError):
-        bench.step_cost(c, 0, 1, 0)
+        measure.step_cost(c, 0, 1, 0)
 
 
 def test_roofline_time_and_fraction():
-    lim = bench.DeviceLimits("toy", {"bf16": 100e12}, bandwidth=1e12, source="table")
-    memory_bound = bench.StepCost(flops=1e9, bytes=1e9, breakdown={}, tokens=1)
-    compute_bound = bench.StepCost(flops=1e12, bytes=1e9, breakdown={}, tokens=1)
-    assert bench.roofline_time(memory_bound, lim) == pytest.approx(1e-3)
-    assert bench.roofline_time(compute_bound, lim) == pytest.approx(1e-2)
-    assert bench.achieved_fraction(1e-3, 4e-3) == 0.25
-    assert bench.attainable_flops(10.0, lim) == 10e12
-    assert bench.attainable_flops(1000.0, lim) == 100e12
-    assert bench.arithmetic_intensity(1e9, 4e8) == 2.5
+    lim = measure.DeviceLimits("toy", {"bf16": 100e12}, bandwidth=1e12, source="table")
+    memory_bound = measure.StepCost(flops=1e9, bytes=1e9, breakdown={}, tokens=1)
+    compute_bound = measure.StepCost(flops=1e12, bytes=1e9, breakdown={}, tokens=1)
+    assert measure.roofline_time(memory_bound, lim) == pytest.approx(1e-3)
+    assert measure.roofline_time(compute_bound, lim) == pytest.approx(1e-2)
+    assert measure.achieved_fraction(1e-3, 4e-3) == 0.25
+    assert measure.attainable_flops(10.0, lim) == 10e12
+    assert measure.attainable_flops(1000.0, lim) == 100e12
+    assert measure.arithmetic_intensity(1e9, 4e8) == 2.5
 
 
 # --------------------------------------------------------------- profiler
@@ -302,7 +303,7 @@ def test_profile_step_on_a_cpu_decode_step():
     cache = StaticCache(config, 1, 32)
     prefill(model, torch.randint(0, 512, (1, 8)), torch.tensor([8]), cache)
     tok, pos = torch.tensor([5]), torch.tensor([8])
-    prof = bench.profile_step(lambda: decode_one_token(model, tok, pos, cache), steps=3, warmup=1,
+    prof = measure.profile_step(lambda: decode_one_token(model, tok, pos, cache), steps=3, warmup=1,
                               device="cpu")
     assert prof.device_time_s is None and prof.kernels_per_step is None
     # 4 layers x 7 projections + lm_head at least, each one aten op or more
@@ -327,7 +328,7 @@ def test_profile_step_on_a_cpu_decode_step():
 
 # ------------------------------------------------- provenance and results
 def test_provenance_keys():
-    p = bench.provenance("cpu")
+    p = measure.provenance("cpu")
     for key in ("device", "device_slug", "torch", "triton", "transformers", "git_commit", "date",
                 "python", "cpu", "platform"):
         assert key in p
@@ -343,46 +344,46 @@ def test_git_commit_unknown_without_git(monkeypatch):
     def no_git(*a, **k):
         raise FileNotFoundError("git")
 
-    monkeypatch.setattr(bench.subprocess, "run", no_git)
-    assert bench._git_commit() == "unknown"
+    monkeypatch.setattr(measure.results.subprocess, "run", no_git)
+    assert measure.results._git_commit() == "unknown"
 
 
 def test_slugs():
-    assert bench._slug("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz") == \
+    assert measure.results._slug("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz") == \
         "intel-xeon-platinum-8375c-cpu-2-90ghz"
-    assert bench._slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert measure.results._slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
 def test_save_and_load_round_trip(tmp_path):
-    timing = bench.Timing.from_samples([0.1, 0.2, 0.3])
+    timing = measure.Timing.from_samples([0.1, 0.2, 0.3])
     data = {"tokens_per_s": [1.5, 2.5], "dtype": torch.bfloat16, "t": torch.tensor([1.0, 2.0]),
             "timing": timing}
-    path = bench.save_result("demo", data, root=tmp_path, device="cpu")
-    slug = bench.device_slug("cpu")
+    path = measure.save_result("demo", data, root=tmp_path, device="cpu")
+    slug = measure.device_slug("cpu")
     assert path == tmp_path / slug / "demo.json"
     on_disk = json.loads(path.read_text())
     assert list(on_disk)[0] == "provenance"
-    gpu_prov = dict(bench.provenance("cpu"), device="NVIDIA H100 80GB HBM3",
+    gpu_prov = dict(measure.provenance("cpu"), device="NVIDIA H100 80GB HBM3",
                     device_slug="nvidia-h100-80gb-hbm3")
-    bench.save_result("demo", {"provenance": gpu_prov, "tokens_per_s": [9.0]}, root=tmp_path)
-    loaded = bench.load_results("demo", root=tmp_path)
+    measure.save_result("demo", {"provenance": gpu_prov, "tokens_per_s": [9.0]}, root=tmp_path)
+    loaded = measure.load_results("demo", root=tmp_path)
     assert sorted(loaded) == sorted([slug, "nvidia-h100-80gb-hbm3"])
     mine = loaded[slug]
     assert mine["tokens_per_s"] == [1.5, 2.5] and mine["dtype"] == "torch.bfloat16"
     assert mine["t"] == [1.0, 2.0] and mine["timing"]["median"] == 0.2
     assert mine["provenance"]["device_slug"] == slug
     assert loaded["nvidia-h100-80gb-hbm3"]["provenance"]["device"] == "NVIDIA H100 80GB HBM3"
-    assert bench.load_results("absent", root=tmp_path) == {}
+    assert measure.load_results("absent", root=tmp_path) == {}
     with pytest.raises(ValueError):
-        bench.save_result("../escape", {}, root=tmp_path)
+        measure.save_result("../escape", {}, root=tmp_path)
     with pytest.raises(TypeError):
-        bench.save_result("bad", {"x": object()}, root=tmp_path)
+        measure.save_result("bad", {"x": object()}, root=tmp_path)
 
 
 def test_metrics_are_re_exported():
-    assert bench.serving_stats is metrics.serving_stats
-    assert bench.kl_divergence is metrics.kl_divergence
-    assert bench.perplexity_from_nll is metrics.perplexity_from_nll
+    assert measure.serving_stats is metrics.serving_stats
+    assert measure.kl_divergence is metrics.kl_divergence
+    assert measure.perplexity_from_nll is metrics.perplexity_from_nll
 
 
 # ---------------------------------------------------------------- GPU only
@@ -390,13 +391,13 @@ def test_metrics_are_re_exported():
 def test_gpu_timing_memory_and_limits():
     dev = torch.device("cuda")
     a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
-    t = bench.time_fn(lambda: a @ a, device=dev, flush_l2=True)
+    t = measure.time_fn(lambda: a @ a, device=dev, flush_l2=True)
     assert 0 < t.median < 1
-    with bench.peak_memory(dev) as mem:
+    with measure.peak_memory(dev) as mem:
         b = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
         del b
     assert mem.peak_increase >= 256 << 20
-    lim = bench.device_limits(dev, measure=True)
+    lim = measure.device_limits(dev, measure=True)
     bw = lim.measured["bandwidth"]
     if lim.source == "table":  # a measured copy reaches 60-100% of the datasheet bandwidth
         assert 0.5 * lim.bandwidth < bw < 1.05 * lim.bandwidth
@@ -412,7 +413,7 @@ def test_gpu_profile_step():
     prefill(model, torch.randint(0, 512, (1, 8), device="cuda"), torch.tensor([8], device="cuda"),
             cache)
     tok, pos = torch.tensor([5], device="cuda"), torch.tensor([8], device="cuda")
-    prof = bench.profile_step(lambda: decode_one_token(model, tok, pos, cache), device="cuda")
+    prof = measure.profile_step(lambda: decode_one_token(model, tok, pos, cache), device="cuda")
     assert prof.kernels_per_step >= 29
     assert 0 < prof.device_time_s <= prof.wall_s * 1.5
     print("\n" + prof.summary() + "\n" + prof.table())
@@ -421,21 +422,38 @@ def test_gpu_profile_step():
 def test_results_written_by_benchmarks_do_not_make_the_commit_dirty():
     # a benchmark writes results/; the next one's provenance must not call the
     # checkout dirty for that (tour runs them one after the other)
-    readme = bench.default_results_root() / "README.md"
-    before = bench._git_commit()
+    readme = measure.default_results_root() / "README.md"
+    before = measure.results._git_commit()
     if before == "unknown" or not readme.exists():
         pytest.skip("not a git checkout")
     text = readme.read_text(encoding="utf-8")
     try:
         readme.write_text(text + "\n", encoding="utf-8")
-        assert bench._git_commit() == before
+        assert measure.results._git_commit() == before
     finally:
         readme.write_text(text, encoding="utf-8")
 
 
 def test_fastest_dtype_follows_the_hardware(monkeypatch):
-    assert bench.fastest_dtype("cpu") == (torch.bfloat16 if bench.native_bf16("cpu") else torch.float32)
-    monkeypatch.setattr(bench, "native_bf16", lambda device=None: False)
-    assert bench.fastest_dtype("cpu") == torch.float32  # emulated bf16 would be slower
-    monkeypatch.setattr(bench, "native_bf16", lambda device=None: True)
-    assert bench.fastest_dtype("cpu") == torch.bfloat16
+    assert measure.fastest_dtype("cpu") == (torch.bfloat16 if measure.native_bf16("cpu") else torch.float32)
+    monkeypatch.setattr(measure.device, "native_bf16", lambda device=None: False)
+    assert measure.fastest_dtype("cpu") == torch.float32  # emulated bf16 would be slower
+    monkeypatch.setattr(measure.device, "native_bf16", lambda device=None: True)
+    assert measure.fastest_dtype("cpu") == torch.bfloat16
+
+
+# ------------------------------------------------------------------ layout
+def test_measure_imports_no_technique_and_the_core_no_course():
+    """measure/ loads no model, cache, kernel or transform; `import llmopt_lab`
+    loads neither course/ nor measure/ (library code imports only the timer)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, llmopt_lab; core = set(sys.modules); "
+            "import llmopt_lab.measure; "
+            "print(sorted(m for m in core if m.startswith('llmopt_lab.'))); "
+            "print(sorted(m for m in set(sys.modules) - core if m.startswith('llmopt_lab.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    core, added = (eval(line) for line in out.stdout.splitlines())
+    assert not any(m.startswith(("llmopt_lab.course", "llmopt_lab.measure")) for m in core)
+    assert all(m.startswith("llmopt_lab.measure") for m in added), added

@@ -8,7 +8,7 @@ Pass ``ax=`` to draw into an existing axes instead.
 
 Each figure carries a small grey line in its bottom-right corner saying
 where the numbers come from (device, torch / triton / transformers versions,
-commit, date), taken from a :func:`llmopt_lab.bench.provenance` dict: the
+commit, date), taken from a :func:`llmopt_lab.measure.provenance` dict: the
 one stored with a result, or this process's when none is given.
 """
 
@@ -20,7 +20,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 
-from . import bench
+from . import results
+from .device import DeviceLimits
 
 __all__ = ["stamp", "stamp_text", "roofline", "speedup_bars", "pareto_front", "pareto", "sweep"]
 
@@ -45,7 +46,7 @@ def stamp_text(provenance: dict) -> str:
 def stamp(fig: Figure, provenance: dict | None = None) -> None:
     """Write :func:`stamp_text` small and grey in the figure's bottom-right corner
     (this process's provenance when none is given)."""
-    text = stamp_text(provenance if provenance is not None else bench.provenance())
+    text = stamp_text(provenance if provenance is not None else results.provenance())
     engine = fig.get_layout_engine()
     if isinstance(engine, ConstrainedLayoutEngine):
         engine.set(rect=(0, 0.03, 1, 0.97))  # keep the bottom strip for the stamp
@@ -67,13 +68,13 @@ def _flops_unit(value: float) -> tuple[float, str]:
     return 1e6, "MFLOP/s"
 
 
-def roofline(limits: "bench.DeviceLimits", points: Sequence[tuple[str, float, float]] = (), *,
+def roofline(limits: DeviceLimits, points: Sequence[tuple[str, float, float]] = (), *,
              dtypes: Sequence[str] | None = None, provenance: dict | None = None,
              ax: Axes | None = None, title: str | None = None,
              intensity_range: tuple[float, float] | None = None) -> Figure:
     """A log-log roofline: attainable FLOP/s against arithmetic intensity.
 
-    limits: a :class:`~llmopt_lab.bench.DeviceLimits`. points: (label,
+    limits: a :class:`~llmopt_lab.measure.DeviceLimits`. points: (label,
     intensity in FLOP/byte, achieved FLOP/s) per measurement. dtypes: which
     compute roofs to draw (keys of ``limits.peak_flops``; default bf16 if
     present, else every dtype known). Draws one memory roof (bandwidth x
