@@ -35,6 +35,14 @@ class BatchCache:
     block of ``max_len`` slots each, and their lengths (B,) int64 (a device
     tensor updated in place, never rebound)."""
 
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None,
+                 dtype: torch.dtype = torch.float32):
+        if batch_size < 1 or max_len < 1:
+            raise CacheError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
+        # the storage: one block of max_len slots per sequence (the pool class beside this one)
+        super().__init__(config, batch_size, max_len, device, dtype)
+        self._init_batch(batch_size, max_len)
+
     def _init_batch(self, batch_size: int, max_len: int) -> None:
         self.batch_size, self.max_len = batch_size, max_len
         with torch.inference_mode(False):
@@ -73,8 +81,9 @@ class BatchCache:
         self.lengths.zero_()
 
 
-class StaticCache(KVPool, BatchCache):
-    """Preallocated KV cache with per-sequence lengths.
+class StaticCache(BatchCache, KVPool):
+    """Preallocated KV cache with per-sequence lengths: ``StaticCache(config,
+    batch_size, max_len, device=None, dtype=torch.float32)``.
 
     k[layer], v[layer]: (B, Hkv, max_len, D) in ``dtype`` (block b = sequence b);
     slot j holds the key of position j. ``lengths``: (B,) int64, the number of
@@ -83,27 +92,14 @@ class StaticCache(KVPool, BatchCache):
     beyond the model's context.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None,
-                 dtype: torch.dtype = torch.float32):
-        if batch_size < 1 or max_len < 1:
-            raise CacheError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
-        super().__init__(config, batch_size, max_len, device, dtype)
-        self._init_batch(batch_size, max_len)
 
 
-class Int8Cache(Int8KVPool, BatchCache):
+class Int8Cache(BatchCache, Int8KVPool):
     """A static cache holding int8 codes and per-token, per-head float32
     scales (``k_scale[layer]``: (B, Hkv, max_len, 1)); dequantized on read."""
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None,
-                 dtype: torch.dtype = torch.float32):
-        if batch_size < 1 or max_len < 1:
-            raise CacheError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
-        super().__init__(config, batch_size, max_len, device, dtype)
-        self._init_batch(batch_size, max_len)
 
-
-class DynamicCache(KVPool, BatchCache):
+class DynamicCache(BatchCache, KVPool):
     """A cache that grows by concatenation (the naive way, for comparison).
 
     Slots are numbered as in a static cache of ``max_len`` per sequence, but
@@ -119,10 +115,7 @@ class DynamicCache(KVPool, BatchCache):
     def __init__(self, config: ModelConfig, batch_size: int, device=None,
                  dtype: torch.dtype = torch.float32, max_len: int | None = None):
         max_len = config.max_position_embeddings if max_len is None else max_len
-        if batch_size < 1 or max_len < 1:
-            raise CacheError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
         super().__init__(config, batch_size, max_len, device, dtype)
-        self._init_batch(batch_size, max_len)
 
     def _allocate(self) -> None:
         c = self.config
