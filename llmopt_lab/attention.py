@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .kernels import flash_attention as _flash
 from .kernels import flash_decode as _flash_decode
+from .kernels import paged_attention as _paged
 from .kernels.reference import attention_ref, causal_mask
 
 
@@ -141,10 +142,35 @@ def flash_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: 
     return _flash_decode.flash_decode(q, k, v, k_len, scale=scale, q_start=q_start, window=window)
 
 
+def paged_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
+                       window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """Lesson 07: steps over KV storage in blocks are read through the block
+    tables by our Triton kernels (:mod:`llmopt_lab.kernels.paged_attention`,
+    attached as ``paged_attention_fn.reads_blocks``), with no gathered copy.
+    Rectangles (a forward without storage) and what the kernels cannot take
+    (int8 or growing storage, a block that is not a power of two in 16..128,
+    other head dims, no Triton) go to :func:`flash_attention_fn` after the
+    blocks are gathered. q: (B, Hq, T, D); k, v: (B, Hkv, S, D)."""
+    return flash_attention_fn(q, k, v, meta, window, scale)
+
+
+def _read_blocks(q: torch.Tensor, kv, layer: int, step, window: int | None,
+                 scale: float) -> torch.Tensor | None:
+    """q (N, Hq, D) packed against ``kv``'s blocks of ``layer``; None when the
+    kernels cannot run on this storage (the caller then gathers)."""
+    if not kv.raw_blocks or not _paged.supports(q, kv.k[layer]):
+        return None
+    return _paged.paged_attention(q, kv.k[layer], kv.v[layer], step.block_tables, step.context_lens,
+                                  step.query_start, step.max_queries, window=window, scale=scale)
+
+
+paged_attention_fn.reads_blocks = _read_blocks
+
 ATTENTION_FUNCTIONS: dict[str, Callable] = {
     "sdpa": sdpa_attention,
     "naive": naive_attention,
     "flash": flash_attention_fn,
+    "paged": paged_attention_fn,
 }
 
 
@@ -203,13 +229,19 @@ def attend(attn_fn: Callable, q: torch.Tensor, kv, layer: int, view: StepView,
     """Attention of a step's packed queries q (N, Hq, D) over each sequence's
     keys in the KV storage ``kv`` (already holding this step's keys), with any
     attention function of the signature above. Returns (N, Hq, D)."""
+    reader = getattr(attn_fn, "reads_blocks", None)
+    if reader is not None:  # a kernel that reads the blocks where they lie (lesson 07)
+        out = reader(q, kv, layer, view.step, window, scale)
+        if out is not None:
+            return out
     k, v = kv.read(layer, view.step)  # (S, Hkv, L, D) each
     out = attn_fn(view.unpack(q), k, v, view.meta, window, scale)  # (S, Hq, T, D)
     return view.pack(out)
 
 
 def get_attention(name_or_fn: str | Callable) -> Callable:
-    """An attention function by name ('sdpa', 'naive', 'flash') or the function itself."""
+    """An attention function by name ('sdpa', 'naive', 'flash', 'paged') or the
+    function itself. Raises ValueError for an unknown name."""
     if callable(name_or_fn):
         return name_or_fn
     try:

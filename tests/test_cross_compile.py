@@ -66,3 +66,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
     for r in out["results"]:
         assert r["ptx"] and r["cubin_bytes"] > 0, r
     assert {r["cc"] for r in out["results"]} == {80, 90}
+    compiled = {r["kernel"] for r in out["results"]}
+    # spot checks that the discovery above reaches each lesson's kernels
+    for name in ("_flash_fwd_kernel", "_flash_decode_kernel", "_paged_decode_kernel",
+                 "_paged_prefill_kernel"):
+        assert name in compiled, f"{name} was not compiled"

@@ -111,6 +111,7 @@ class DynamicCache(BatchCache, KVPool):
     """
 
     reallocates = True
+    raw_blocks = False  # only the first `slots` of each max_len block exist
 
     def __init__(self, config: ModelConfig, batch_size: int, device=None,
                  dtype: torch.dtype = torch.float32, max_len: int | None = None):

@@ -55,6 +55,9 @@ class KVPool:
 
     #: True for storage that reallocates as it grows (a CUDA graph cannot capture it)
     reallocates = False
+    #: True when k[layer], v[layer] hold the keys and values themselves, in
+    #: blocks of block_size slots (what a paged kernel reads in place)
+    raw_blocks = True
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, device=None,
                  dtype: torch.dtype = torch.float32):
@@ -144,6 +147,8 @@ class Int8KVPool(KVPool):
     """A pool holding int8 codes plus one float32 scale per token and head
     (``k_scale[layer]``: (num_blocks, Hkv, block_size, 1)); reads dequantize to
     ``dtype``. Half the bytes of bf16 (plus 4 bytes per token and head)."""
+
+    raw_blocks = False  # int8 codes: the paged kernels read floats
 
     def _allocate(self) -> None:
         L = self.config.num_layers

@@ -128,6 +128,54 @@ def online_softmax_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out.to(q.dtype), lse
 
 
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, context_lens: torch.Tensor,
+                        query_start: torch.Tensor, window: int | None = None,
+                        scale: float | None = None) -> torch.Tensor:
+    """Attention of packed queries against a paged KV cache, one sequence at a time.
+
+    q: (N, Hq, D), the queries of S sequences packed: sequence s owns rows
+    ``query_start[s]:query_start[s + 1]`` (n_s of them), which are its LAST n_s
+    positions ``context_lens[s] - n_s .. context_lens[s] - 1`` (their keys are
+    already in the cache).
+    k_cache, v_cache: (num_blocks, Hkv, block_size, D); position p of sequence s
+    lives in block ``block_tables[s, p // block_size]`` at offset
+    ``p % block_size``. block_tables: (S, max_blocks) ints; context_lens: (S,);
+    query_start: (S + 1,). Query head h reads KV head h // (Hq // Hkv).
+    A query at position p sees the keys at positions j <= p (and j > p - window
+    with a sliding window). Scores and softmax in float32; rows that see no key
+    get zeros. Returns (N, Hq, D) in q's dtype.
+    """
+    N, Hq, D = q.shape
+    Hkv, block_size = k_cache.shape[1], k_cache.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} not a multiple of KV heads {Hkv}")
+    scale = D ** -0.5 if scale is None else scale
+    out = torch.zeros((N, Hq, D), dtype=q.dtype, device=q.device)
+    starts, lens = query_start.tolist(), context_lens.tolist()
+    for s, ctx in enumerate(lens):
+        q0, q1 = starts[s], starts[s + 1]
+        n = q1 - q0
+        if n == 0:
+            continue
+        pos = torch.arange(ctx, device=q.device)  # (ctx,) positions of the keys
+        blocks = block_tables[s].long()[pos // block_size]
+        k = k_cache[blocks, :, pos % block_size]  # (ctx, Hkv, D)
+        v = v_cache[blocks, :, pos % block_size]
+        k = k.float().repeat_interleave(Hq // Hkv, dim=1).transpose(0, 1)  # (Hq, ctx, D)
+        v = v.float().repeat_interleave(Hq // Hkv, dim=1).transpose(0, 1)
+        qs = q[q0:q1].float().transpose(0, 1)  # (Hq, n, D)
+        scores = torch.matmul(qs, k.transpose(-1, -2)) * scale  # (Hq, n, ctx)
+        q_pos = torch.arange(ctx - n, ctx, device=q.device)  # (n,)
+        visible = pos[None, :] <= q_pos[:, None]  # (n, ctx)
+        if window is not None:
+            visible &= pos[None, :] > q_pos[:, None] - window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # rows seeing nothing
+        out[q0:q1] = torch.matmul(probs, v).transpose(0, 1).to(q.dtype)  # (n, Hq, D)
+    return out
+
+
 # ------------------------------------------------------------------ quantized weights
 # The kernels' formats (llmopt_lab.transforms.quantize builds them). W is the
 # (N out, K in) weight of an nn.Linear, y = x @ W.T.
