@@ -177,7 +177,8 @@ ATTENTION_FUNCTIONS: dict[str, Callable] = {
 class StepView:
     """What the layers of one forward need from a step, computed once.
 
-    ``where``: (block, offset) of each token's slot, each (N,) int64;
+    ``where``: the storage rows this step's keys and values go to
+    (:meth:`~llmopt_lab.cache.KVPool.write_index`);
     ``meta``: the :class:`AttentionMeta` of the queries laid out as
     (S, max_queries) against each sequence's L keys in position order;
     :meth:`unpack` / :meth:`pack` move queries and outputs between the packed
@@ -186,12 +187,12 @@ class StepView:
     computed and dropped).
     """
 
-    def __init__(self, step, keys_len: int):
+    def __init__(self, step, kv):
         self.step = step
         S, T = step.num_seqs, step.max_queries
         dev = step.positions.device
-        bs = step.block_size
-        self.where = (step.slots // bs, step.slots % bs)
+        keys_len = kv.keys_len(step)
+        self.where = kv.write_index(step)
         if step.uniform:
             self._index = None
             q_pos = step.positions.view(S, T)
@@ -217,23 +218,23 @@ class StepView:
         return out.transpose(1, 2)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """(S, H, max_queries, D) -> (N, H, D) packed."""
+        """(S, H, max_queries, D) -> (N, H * D) packed, heads side by side."""
         x = x.transpose(1, 2)  # (S, T, H, D)
         if self._index is None:
-            return x.reshape(-1, *x.shape[2:])
-        return x[self._index]
+            return x.reshape(self.step.num_tokens, -1)
+        return x[self._index].flatten(1)
 
 
 def attend(attn_fn: Callable, q: torch.Tensor, kv, layer: int, view: StepView,
            window: int | None, scale: float) -> torch.Tensor:
     """Attention of a step's packed queries q (N, Hq, D) over each sequence's
     keys in the KV storage ``kv`` (already holding this step's keys), with any
-    attention function of the signature above. Returns (N, Hq, D)."""
+    attention function of the signature above. Returns (N, Hq * D)."""
     reader = getattr(attn_fn, "reads_blocks", None)
     if reader is not None:  # a kernel that reads the blocks where they lie (lesson 07)
         out = reader(q, kv, layer, view.step, window, scale)
         if out is not None:
-            return out
+            return out.flatten(1)
     k, v = kv.read(layer, view.step)  # (S, Hkv, L, D) each
     out = attn_fn(view.unpack(q), k, v, view.meta, window, scale)  # (S, Hq, T, D)
     return view.pack(out)

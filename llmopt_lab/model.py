@@ -116,8 +116,8 @@ class Attention(nn.Module):
             return self.o_proj(out.transpose(1, 2).reshape(*lead, -1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (N, H, D)
         kv.write(self.layer_idx, k, v, ctx.where)
-        out = attend(attn_fn, q, kv, self.layer_idx, ctx, self.window, self.scale)  # (N, Hq, D)
-        return self.o_proj(out.reshape(*lead, -1))
+        out = attend(attn_fn, q, kv, self.layer_idx, ctx, self.window, self.scale)  # (N, Hq * D)
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -253,7 +253,7 @@ class Transformer(nn.Module):
         """
         kv.check_compatible(self.config, self.dtype, step.tokens.device)
         kv.prepare(step)
-        view = StepView(step, kv.keys_len(step))
+        view = StepView(step, kv)
         x = self.embed_tokens(step.tokens)  # (N, hidden)
         cos, sin = rope_cos_sin(self.inv_freq, step.positions[None], x.dtype)  # (1, 1, N, D)
         cos, sin = cos[0, 0, :, None], sin[0, 0, :, None]  # (N, 1, D)

@@ -5,7 +5,8 @@ head_dim)`` tensors. A :class:`~llmopt_lab.step.Step` says which slot each new
 token goes to and which blocks hold each sequence's earlier tokens; the pool
 has two verbs for the model:
 
-* :meth:`KVPool.write` puts this step's keys and values in their slots, in place;
+* :meth:`KVPool.write` puts this step's keys and values in their slots, in place
+  (at the rows :meth:`KVPool.write_index` computes once per forward);
 * :meth:`KVPool.read` gives the attention each sequence's keys and values as a
   ``(S, kv_heads, L, head_dim)`` rectangle in position order: the storage
   itself when the step is contiguous (sequence s owns block s: a static
@@ -119,13 +120,21 @@ class KVPool:
         return self.block_size if step.contiguous else step.block_tables.shape[1] * self.block_size
 
     # ------------------------------------------------------------------ verbs
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-              where: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Write k, v (N, Hkv, D) in place at ``where = (block, offset)``, each
-        (N,) int64 (from the step's slots)."""
-        blk, off = where
-        self.k[layer][blk, :, off] = k  # (N, Hkv, D) into (blocks, Hkv, slots, D)
-        self.v[layer][blk, :, off] = v
+    def write_index(self, step) -> torch.Tensor:
+        """Row of each (token, KV head) of ``step`` in the storage seen as
+        (num_blocks * Hkv * width, D): (N * Hkv,) int64, computed once per
+        forward and used by every layer's :meth:`write`."""
+        bs, width = self.block_size, self.k[0].shape[2]  # width: slots that exist per block
+        heads = torch.arange(self.config.num_kv_heads, device=step.slots.device)
+        blk, off = step.slots // bs, step.slots % bs  # (N,)
+        return ((blk[:, None] * len(heads) + heads) * width + off[:, None]).reshape(-1)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
+        """Write k, v (N, Hkv, D) in place at the rows ``index`` of
+        :meth:`write_index` (one index_copy_ per tensor)."""
+        D = k.shape[-1]
+        self.k[layer].view(-1, D).index_copy_(0, index, k.reshape(-1, D))
+        self.v[layer].view(-1, D).index_copy_(0, index, v.reshape(-1, D))
 
     def read(self, layer: int, step) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of each sequence of ``step`` in position order, each
@@ -137,7 +146,7 @@ class KVPool:
     def _gather(store: torch.Tensor, step) -> torch.Tensor:
         S = step.num_seqs
         if step.contiguous:  # sequence s owns block s: the storage itself, no copy
-            return store[:S]
+            return store if S == store.shape[0] else store[:S]
         blocks = store[step.block_tables]  # (S, max_blocks, Hkv, bs, D)
         S, nb, H, bs, D = blocks.shape
         return blocks.permute(0, 2, 1, 3, 4).reshape(S, H, nb * bs, D)
@@ -160,12 +169,12 @@ class Int8KVPool(KVPool):
     def _tensors(self) -> list[torch.Tensor]:
         return self.k + self.v + self.k_scale + self.v_scale
 
-    def write(self, layer, k, v, where) -> None:
-        blk, off = where
+    def write(self, layer, k, v, index) -> None:
+        D = k.shape[-1]
         for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-            q, s = quantize_int8_per_token(x)
-            codes[layer][blk, :, off] = q
-            scales[layer][blk, :, off] = s
+            q, sc = quantize_int8_per_token(x)
+            codes[layer].view(-1, D).index_copy_(0, index, q.reshape(-1, D))
+            scales[layer].view(-1, 1).index_copy_(0, index, sc.reshape(-1, 1))
 
     def read(self, layer, step):
         g = self._gather
