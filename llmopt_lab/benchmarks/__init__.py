@@ -42,6 +42,8 @@ BENCHMARKS: list[Benchmark] = [
               "int8/int4 kernels, quantized models' speed and memory, and quality per method"),
     Benchmark("06", "flash_attention", "llmopt_lab.benchmarks.flash_attention",
               "our flash-attention kernels against SDPA and naive attention"),
+    Benchmark("07", "paged_attention", "llmopt_lab.benchmarks.paged_attention",
+              "KV waste of paging, prefix caching, and the paged kernel against flash decoding"),
     Benchmark("08", "speculative", "llmopt_lab.benchmarks.speculative",
               "speculative decoding (draft model, prompt lookup) against plain decoding"),
 ]

@@ -82,6 +82,19 @@ def block_hash(prev: bytes | None, tokens) -> bytes:
     return h.digest()
 
 
+def prefix_hashes(tokens, block_size: int) -> list[bytes]:
+    """The chain hashes of the full blocks of ``tokens``: h_0 = block_hash(None,
+    block 0), h_i = block_hash(h_{i-1}, block i); a partial last block has none.
+    Raises CacheError for a block size below 1."""
+    if block_size < 1:
+        raise CacheError(f"block_size must be positive, got {block_size}")
+    out, prev = [], None
+    for i in range(len(tokens) // block_size):
+        prev = block_hash(prev, tuple(tokens[i * block_size:(i + 1) * block_size]))
+        out.append(prev)
+    return out
+
+
 def _blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
@@ -303,15 +316,14 @@ class BlockManager:
         """Cached blocks holding the longest cached prefix of full blocks within
         the first len - 1 tokens, the chain hashes of every full block of
         ``tokens`` and the number of collisions met. Changes nothing."""
-        bs, hits, hashes, prev, parent = self.block_size, [], [], None, None
+        bs, hits, parent = self.block_size, [], None
+        hashes = prefix_hashes(tokens, bs)
         hittable, collided = (len(tokens) - 1) // bs, 0
-        for i in range(len(tokens) // bs):
+        for i, h in enumerate(hashes[:hittable]):
+            if len(hits) < i:
+                break  # a miss ends the prefix: only a prefix can be reused
             chunk = tuple(tokens[i * bs:(i + 1) * bs])
-            prev = block_hash(prev, chunk)
-            hashes.append(prev)
-            if len(hits) < i or i >= hittable:
-                continue  # a miss ends the prefix: only a prefix can be reused
-            b = self._cached.get(prev)
+            b = self._cached.get(h)
             if b is not None and (self._tokens[b] != chunk or self._parent[b] != parent):
                 collided, b = 1, None  # same hash, other content: never serve it
             if b is not None:
