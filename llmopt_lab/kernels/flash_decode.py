@@ -47,6 +47,41 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _attend_tile(q, k, v, offs_k, k_ok, pos, window, m_i, l_i, acc, qk_scale,
+                     HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """One tile of keys k, v (BLOCK_N, D) at positions offs_k (k_ok: loaded)
+        for query rows q (BLOCK_M, D) at positions pos: causal (and windowed)
+        scores, then the online-softmax update of the running max m_i, sum l_i
+        and output acc. Shared by flash decoding and the paged kernels (lesson
+        06's flash_attention keeps the same lines inline: the lesson reads them)."""
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        visible = k_ok[None, :] & (offs_k[None, :] <= pos[:, None])
+        if HAS_WINDOW:
+            visible = visible & (offs_k[None, :] > pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows that have seen no key yet: subtract 0, not -inf (no nan)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _store_partial(O_PART, LSE_PART, row, acc, l_i, m_i, row_ok, offs_d,
+                       HEAD_DIM: tl.constexpr):
+        """A split's normalised output and its log-sum-exp (natural log) at
+        partial rows ``row``, for the combine kernel; a row that saw no key
+        stores 0 and -inf (it then weighs nothing)."""
+        seen = l_i > 0.0
+        l_safe = tl.where(seen, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        tl.store(LSE_PART + row, lse, mask=row_ok)
+
+    @triton.jit
     def _flash_decode_kernel(Q, K, V, O_PART, LSE_PART, Q_START, K_LEN,
                              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks,
                              stride_vb, stride_vh, stride_vs,
@@ -98,27 +133,12 @@ if HAS_TRITON:
                         mask=k_ok[:, None], other=0.0)  # (BLOCK_N, D), shared by the group
             v = tl.load(v_base + offs_k[:, None] * stride_vs + offs_d[None, :],
                         mask=k_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            visible = k_ok[None, :] & (offs_k[None, :] <= pos[:, None])
-            if HAS_WINDOW:
-                visible = visible & (offs_k[None, :] > pos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, k, v, offs_k, k_ok, pos, window, m_i, l_i, acc,
+                                         qk_scale, HAS_WINDOW, DOT_PRECISION)
 
-        seen = l_i > 0.0
-        l_safe = tl.where(seen, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         # partials: (B, Hq, T, NUM_SPLITS, D) and (B, Hq, T, NUM_SPLITS), float32
         row = ((b * HKV * GROUP + h).to(tl.int64) * T + t) * NUM_SPLITS + split
-        tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
-        tl.store(LSE_PART + row, lse, mask=row_ok)
+        _store_partial(O_PART, LSE_PART, row, acc, l_i, m_i, row_ok, offs_d, HEAD_DIM)
 
     @triton.jit
     def _flash_decode_combine_kernel(O_PART, LSE_PART, O, LSE, NUM_SPLITS,
@@ -147,6 +167,8 @@ if HAS_TRITON:
                    "NUM_SPLITS": "i32", "qk_scale": "fp32", "window": "i32",
                    "HEAD_DIM": "constexpr", "HAS_WINDOW": "constexpr",
                    "DOT_PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+    JIT_HELPERS = [_attend_tile, _store_partial]
+
     COMPILE_SPECS = [
         dict(fn=_flash_decode_kernel,
              signature={name: sig.format(t=t) for name, sig in _DECODE_SIG.items()},

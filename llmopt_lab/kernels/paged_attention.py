@@ -55,7 +55,7 @@ INTERPRETER_BLOCK_M = 16
 INTERPRETER_BLOCK_N = 16
 
 if HAS_TRITON:
-    from .flash_decode import _flash_decode_combine_kernel
+    from .flash_decode import _attend_tile, _flash_decode_combine_kernel, _store_partial
 
     import triton
     import triton.language as tl
@@ -121,27 +121,12 @@ if HAS_TRITON:
                         mask=k_ok[:, None], other=0.0)  # (BLOCK_N, D), shared by the group
             v = tl.load(v_head + blk * stride_vb + slot[:, None] * stride_vs + offs_d[None, :],
                         mask=k_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            visible = k_ok[None, :] & (offs_k[None, :] <= pos[:, None])
-            if HAS_WINDOW:
-                visible = visible & (offs_k[None, :] > pos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, k, v, offs_k, k_ok, pos, window, m_i, l_i, acc,
+                                         qk_scale, HAS_WINDOW, DOT_PRECISION)
 
-        seen = l_i > 0.0
-        l_safe = tl.where(seen, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         # partials: (N, Hq, NUM_SPLITS, D) and (N, Hq, NUM_SPLITS), float32
         row = ((q0 + t).to(tl.int64) * (HKV * GROUP) + h) * NUM_SPLITS + split
-        tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
-        tl.store(LSE_PART + row, lse, mask=row_ok)
+        _store_partial(O_PART, LSE_PART, row, acc, l_i, m_i, row_ok, offs_d, HEAD_DIM)
 
     @triton.jit
     def _paged_prefill_kernel(Q, K, V, O, BLOCK_TABLES, CONTEXT_LENS, QUERY_START,
@@ -196,19 +181,8 @@ if HAS_TRITON:
                         mask=k_ok[:, None], other=0.0)  # (BLOCK_N, D)
             v = tl.load(v_head + blk * stride_vb + slot[:, None] * stride_vs + offs_d[None, :],
                         mask=k_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            visible = k_ok[None, :] & (offs_k[None, :] <= pos[:, None])
-            if HAS_WINDOW:
-                visible = visible & (offs_k[None, :] > pos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # rows that have seen no key yet: subtract 0, not -inf (no nan)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, k, v, offs_k, k_ok, pos, window, m_i, l_i, acc,
+                                         qk_scale, HAS_WINDOW, DOT_PRECISION)
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]  # rows with no visible key: acc = 0 -> 0
@@ -232,6 +206,8 @@ if HAS_TRITON:
                     "HEAD_DIM": "constexpr", "BLOCK_SIZE": "constexpr", "HAS_WINDOW": "constexpr",
                     "DOT_PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
     # (dtype, head_dim, block_size, window, BLOCK_M, BLOCK_N): the tiles the wrapper picks on a GPU
+    JIT_HELPERS = [_attend_tile, _store_partial]  # from flash_decode, compiled within the kernels
+
     COMPILE_SPECS = [
         dict(fn=fn, signature={name: sig.format(t=t) for name, sig in table.items()},
              constexprs={"HEAD_DIM": d, "BLOCK_SIZE": bs, "HAS_WINDOW": win, "BLOCK_M": bm,
