@@ -120,6 +120,15 @@ def row_params(n: int, params, **defaults) -> list[SamplingParams]:
     return params
 
 
+def check_token_ids(prompts: list[list[int]], vocab_size: int, what: str = "the model") -> None:
+    """Raise GenerationError when a prompt holds an id outside [0, vocab_size)."""
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {i} holds token id {bad[0]}, outside the vocabulary of "
+                                  f"{what} (0..{vocab_size - 1}); was it made by another tokenizer?")
+
+
 def _prompt_lists(input_ids) -> list[list[int]]:
     ids, lengths = pad_prompts(input_ids)
     return [row[:n].tolist() for row, n in zip(ids, lengths.tolist())]
@@ -151,12 +160,16 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
     (:class:`llmopt_lab.graphs.GraphedDecoder`; same tokens as eager; raises
     GraphError without a CUDA GPU or with a dynamic cache).
     Raises GenerationError when prompt + max_new_tokens exceeds the model's
-    context or the cache, or for bad sampling arguments.
+    context or the cache, for token ids outside the vocabulary, or for bad
+    sampling arguments.
     """
     config = model.config
     prompts = _prompt_lists(input_ids)
     B = len(prompts)
+    check_token_ids(prompts, config.vocab_size)
     if params is None:
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise GenerationError(f"seed must be an integer or None, got {seed!r}")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         stop = None if eos_token_id is None else (

@@ -7,6 +7,7 @@ batch whose rows have different parameters and random streams.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,14 +16,19 @@ import torch
 from .errors import GenerationError
 
 
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise GenerationError for out-of-range sampling parameters."""
-    if temperature < 0:
-        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    """Raise GenerationError for out-of-range or non-numeric sampling parameters
+    (a NaN, a string or a bool is refused, not compared)."""
+    if not _real(temperature) or temperature < 0:
+        raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise GenerationError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p is not None and (not _real(top_p) or not (0.0 < top_p <= 1.0)):
+        raise GenerationError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -86,7 +92,7 @@ class SamplingParams:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise GenerationError(
                 f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise GenerationError(f"seed must be an integer or None, got {self.seed!r}")
         if self.stop_token_ids is not None:
             ids = [self.stop_token_ids] if isinstance(self.stop_token_ids, int) else self.stop_token_ids

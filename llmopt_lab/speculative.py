@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
 from .cache import KVPool
 from .errors import GenerationError
-from .generate import pad_prompts
+from .generate import check_token_ids, pad_prompts
 from .measure.timing import synchronize
 from .sampling import check_sampling_args, probabilities
 from .step import host_step, run_step
@@ -369,7 +370,7 @@ def roll_back(seq: SpecSequence, proposal: list[int], accepted: int, extra: int)
 def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int = 4, *,
                          temperature: float = 0.0, top_k: int | None = None,
                          top_p: float | None = None, seed: int | None = None,
-                         eos_token_id: int | None = None, ignore_eos: bool = False,
+                         eos_token_id: int | Sequence[int] | None = None, ignore_eos: bool = False,
                          max_ngram: int = 3, target_tokenizer=None, draft_tokenizer=None,
                          acceptance_rule=None) -> SpecOutput:
     """Generate with speculative decoding.
@@ -379,7 +380,9 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
     own, in one batched draft and one batched target forward per step.
     draft: a model sharing the target's tokenizer, or None for prompt lookup.
     k: proposals per step (>= 1). Sampling parameters as in
-    :func:`llmopt_lab.generate.generate`; temperature 0 is greedy.
+    :func:`llmopt_lab.generate.generate`; temperature 0 is greedy; a sequence
+    ends at any of ``eos_token_id`` (one id or several; default: the target's
+    EOS ids) unless ``ignore_eos``.
     acceptance_rule: for experiments only (the lesson's negative control):
     ``fn(p, q, x, generator) -> (accepted, replacement)`` replacing the exact rule.
     Returns a :class:`SpecOutput`: the new tokens of each prompt and the
@@ -397,10 +400,17 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
     seqs = [SpecSequence(tokens=row[:n].tolist(), block=i)
             for i, (row, n) in enumerate(zip(ids, lengths.tolist()))]
     cfg = target.config
+    check_token_ids([s.tokens for s in seqs], cfg.vocab_size, "the target")
+    if draft is not None:
+        check_token_ids([s.tokens for s in seqs], draft.config.vocab_size, "the draft")
     size = int(lengths.max()) + max_new_tokens + k + 2
     if size > cfg.max_position_embeddings or (draft is not None and size > draft.config.max_position_embeddings):
         raise GenerationError(f"prompt + max_new_tokens + k ({size}) exceeds a model's context")
-    eos = [] if ignore_eos else ([eos_token_id] if eos_token_id is not None else cfg.eos_token_ids)
+    if eos_token_id is None:
+        eos = list(cfg.eos_token_ids)
+    else:
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos = [] if ignore_eos else eos
     dev = target.device
     gen = None
     if temperature > 0:

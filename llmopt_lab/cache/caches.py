@@ -73,7 +73,12 @@ class BatchCache:
 
     def truncate(self, lengths: torch.Tensor) -> None:
         """Forget everything at positions >= lengths (B,) (rollback, e.g. of
-        rejected draft tokens); later writes overwrite those slots."""
+        rejected draft tokens); later writes overwrite those slots. Raises
+        CacheError for a shape other than (B,) or a negative length."""
+        lengths = torch.as_tensor(lengths, device=self.device)
+        if lengths.shape != self.lengths.shape or bool((lengths < 0).any()):
+            raise CacheError(f"truncate takes one length >= 0 per sequence ({self.batch_size}), "
+                             f"got {lengths.tolist()}")
         self.lengths.copy_(torch.minimum(self.lengths, lengths.to(self.lengths)))
 
     def reset(self) -> None:
