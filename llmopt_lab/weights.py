@@ -10,7 +10,12 @@
 4. otherwise a Hugging Face hub id, downloaded when the network allows.
 
 Only safetensors are read (pickled ``.bin`` checkpoints can run code when
-loaded) and no remote code is ever trusted. Every failure raises
+loaded) and no remote code is ever trusted: a tokenizer whose config has an
+``auto_map`` is refused. A sharded checkpoint is read through its
+``model.safetensors.index.json``; tensors are checked (one file each, shapes
+as in config.json, finite values) before the model is built, and
+:func:`save_model` writes atomically (see :mod:`llmopt_lab._checkpoint`).
+Every failure raises
 :class:`~llmopt_lab.errors.ModelLoadError` (or a sibling) with a one-line
 message naming the cause and the fix.
 """
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import _checkpoint as ckpt
 from .config import ModelConfig, preset
 from .errors import ConfigError, ModelLoadError, UnsupportedDtypeError
 from .model import Transformer, check_dtype_for_device
@@ -81,8 +87,20 @@ def load_model(name_or_path: str | os.PathLike, device=None, dtype=None,
     float32 on CPU, the checkpoint's dtype on GPU. The tokenizer is a
     transformers tokenizer, or None when the folder has none (synthetic models).
     The model is in eval mode.
+
+    Raises :class:`ModelLoadError` for an empty or unknown name, a missing or
+    unreadable checkpoint (corrupt or truncated safetensors, a tensor in two
+    shards, a shard the index names but that is missing, weights whose names
+    or shapes do not match config.json, NaN/inf weights, a tokenizer that
+    would run the checkpoint's code); :class:`ConfigError` for a config.json
+    that is not a JSON object or describes an unsupported model;
+    :class:`UnsupportedDtypeError` for a dtype the device cannot use.
     """
     name = str(name_or_path)
+    if not name.strip():
+        raise ModelLoadError(
+            f"empty model name {name!r}: give a zoo model ({', '.join(ZOO)}), "
+            "'synthetic:<preset>', a checkpoint folder or a hub id (org/name)")
     dev = resolve_device(device)
     if name.startswith(SYNTHETIC_PREFIX):
         try:
@@ -92,7 +110,7 @@ def load_model(name_or_path: str | os.PathLike, device=None, dtype=None,
         dt = resolve_dtype(dtype, dev, config)
         return Transformer.from_config(config, device=dev, dtype=dt, attn_fn=attn_fn), None
     folder = _resolve_folder(name)
-    config = ModelConfig.from_json_file(folder / "config.json", name=folder.name)
+    config = ckpt.read_config(folder)
     dt = resolve_dtype(dtype, dev, config)
     model = _load_weights(folder, config, dev, dt, attn_fn)
     return model, load_tokenizer(folder)
@@ -156,34 +174,25 @@ def local_to_hf_key(key: str) -> str:
 
 def _load_weights(folder: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype,
                   attn_fn) -> Transformer:
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-        if pickled:
-            raise ModelLoadError(
-                f"{folder} holds only pickled weights ({pickled[0]}); llmopt_lab reads safetensors "
-                "only (pickle can run code): convert with transformers' save_pretrained("
-                "safe_serialization=True)")
-        raise ModelLoadError(f"{folder} has no *.safetensors weights")
-    state = {}
-    for f in files:
-        for k, v in load_file(str(f), device="cpu").items():
-            state[hf_to_local_key(k)] = v
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    raw, raw_origin = ckpt.read_state(ckpt.weight_files(folder))
+    state, origin = {}, {}
+    for k, v in raw.items():
+        if k.endswith("rotary_emb.inv_freq"):
+            continue
+        local = hf_to_local_key(k)
+        if local in state:  # "model.x" and "x" in the checkpoint: the same tensor twice
+            raise ModelLoadError(f"{folder}: the tensor {local!r} is stored twice ({k!r} in "
+                                 f"{raw_origin[k].name} and in {origin[local].name}); "
+                                 "remove one of them")
+        state[local], origin[local] = v, raw_origin[k]
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = Transformer(config, attn_fn=attn_fn, dtype=dtype)
-    expected = set(model.state_dict().keys())
+    expected = dict(model.state_dict())
     if config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-    missing, unexpected = expected - state.keys(), state.keys() - expected
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{folder}: weights do not match the config (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]})")
+        expected.pop("lm_head.weight", None)
+    ckpt.check_state(state, expected, folder, origin)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
@@ -193,35 +202,86 @@ def _load_weights(folder: Path, config: ModelConfig, device: torch.device, dtype
 
 
 def save_model(model: Transformer, folder: str | os.PathLike, tokenizer=None,
-               dtype: torch.dtype | None = None) -> Path:
+               dtype: torch.dtype | str | None = None, overwrite: bool = False) -> Path:
     """Write a Hugging Face checkpoint folder (config.json + model.safetensors
-    [+ tokenizer]) that both :func:`load_model` and transformers read."""
-    from safetensors.torch import save_file
+    [+ tokenizer]) that both :func:`load_model` and transformers read.
+
+    dtype: float32, float16 or bfloat16 (default: the model's own, which must
+    be one of these). The files are written completely into a temporary folder
+    beside ``folder`` and then moved in (``os.replace``), so a failed save
+    leaves no partial checkpoint. A folder that already holds a checkpoint
+    (config.json, ``*.safetensors`` or an index) is replaced only with
+    ``overwrite=True``: its old config, index and every old ``*.safetensors``
+    shard are moved out before the new files move in, so old and new shards
+    never mix; other files (README, logs) stay. A folder without a checkpoint
+    keeps its other files.
+
+    Raises :class:`ModelLoadError` for a model that cannot be saved faithfully
+    (a quantized or otherwise transformed model whose linear layers are not
+    plain ``nn.Linear``, non-float parameters), a dtype other than
+    float32/float16/bfloat16, a target holding a checkpoint without
+    ``overwrite=True``, or a target that is a file.
+    """
+    from safetensors import torch as st
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for k, v in model.state_dict().items():
-        if model.config.tie_word_embeddings and k == "lm_head.weight":
-            continue
-        state[local_to_hf_key(k)] = v.detach().to(dtype or v.dtype).contiguous().cpu()
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    d = model.config.to_hf_dict()
-    d["torch_dtype"] = str(dtype or model.dtype).replace("torch.", "")
-    (folder / "config.json").write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-    return folder
+    dtype = ckpt.save_dtype(dtype)
+    ckpt.check_saveable(model, dtype)
+
+    def write(tmp: Path) -> None:
+        state = {}
+        for k, v in model.state_dict().items():
+            if model.config.tie_word_embeddings and k == "lm_head.weight":
+                continue
+            state[local_to_hf_key(k)] = v.detach().to(dtype or v.dtype).contiguous().cpu()
+        st.save_file(state, str(tmp / ckpt.WEIGHTS_FILE), metadata={"format": "pt"})
+        d = model.config.to_hf_dict()
+        d["torch_dtype"] = str(dtype or model.dtype).replace("torch.", "")
+        (tmp / ckpt.CONFIG_FILE).write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    return ckpt.write_atomically(folder, write, overwrite)
+
+
+_REMOTE_CODE_MSG = ("{path} asks for the checkpoint's own Python code (\"auto_map\": {value}); "
+                    "llmopt_lab never runs remote code: remove \"auto_map\" (and use a built-in "
+                    "tokenizer_class such as PreTrainedTokenizerFast) or use another checkpoint")
 
 
 def load_tokenizer(folder: Path):
-    """transformers' tokenizer from a folder, or None when it has none."""
+    """transformers' tokenizer from a folder, or None when it has none.
+
+    Never runs code shipped with the checkpoint (``trust_remote_code=False``).
+    Raises :class:`ModelLoadError` for a tokenizer_config.json with an
+    ``auto_map`` (or a config.json whose ``auto_map`` names a tokenizer),
+    i.e. a tokenizer that needs the checkpoint's own Python code, for a
+    tokenizer_config.json that is not a JSON object, and for a tokenizer
+    transformers cannot read.
+    """
+    folder = Path(folder)
     if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model",
                                                "tokenizer_config.json")):
         return None
+    tok_cfg = folder / "tokenizer_config.json"
+    if tok_cfg.exists():
+        d = ckpt.read_json_object(tok_cfg, ModelLoadError)
+        if d.get("auto_map"):
+            raise ModelLoadError(_REMOTE_CODE_MSG.format(path=tok_cfg, value=d["auto_map"]))
+    cfg = folder / ckpt.CONFIG_FILE
+    if cfg.exists():
+        d = ckpt.read_json_object(cfg, ModelLoadError)
+        auto = d.get("auto_map")
+        if auto and (not isinstance(auto, dict) or any("Tokenizer" in str(k) for k in auto)):
+            raise ModelLoadError(_REMOTE_CODE_MSG.format(path=cfg, value=auto))
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ModelLoadError(f"cannot read the tokenizer in {folder} ({type(e).__name__}: "
+                             f"{first}); check its tokenizer files") from None
 
 
 def to_transformers(model: Transformer):
