@@ -150,7 +150,7 @@ def save_tokenizer(tokenizer, folder: str | Path) -> Path:
 def load_tokenizer(folder: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)  # the zoo ships no code
 
 
 # --------------------------------------------------------------------- data
@@ -280,7 +280,8 @@ def hf_logits_check(folder: Path, model: Transformer, ids: torch.Tensor) -> floa
     """Max |logit difference| between transformers' model from ``folder`` and ours."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                              trust_remote_code=False).eval()
     return float((hf(ids).logits - model(ids)).abs().max())
 
 
