@@ -151,9 +151,6 @@ class GraphedDecoder:
         if not step.contiguous:
             raise GraphError("advance() is for a contiguous cache; a paged sequence may cross "
                              "into a new block: run() the next step instead")
-        step.tokens[:S].copy_(next_tokens)
-        step.positions[:S].add_(1)
-        step.slots[:S].add_(1)
-        step.context_lens[:S].add_(1)
+        step.advance(next_tokens)  # the live rows; the dummy rows stay at position 0
         self.graphs[b].replay()
         return self.logits[b][:S]

@@ -92,7 +92,9 @@ class Step:
 
     def advance(self, next_tokens: torch.Tensor) -> None:
         """Turn a decode step (one query per sequence) into the next one, in
-        place: the sampled ``next_tokens`` (S,) are fed at the next position.
+        place: the sampled ``next_tokens`` are fed at the next position. They
+        may cover only the first n <= S sequences (a CUDA graph's bucket padded
+        with dummy rows): the others stay where they are.
 
         Every tensor keeps its storage (what a captured CUDA graph reads). Only
         for one query per sequence within a block (a contiguous cache): a paged
@@ -101,10 +103,11 @@ class Step:
         if not self.contiguous or max(self.num_queries) != 1:
             raise CacheError("advance() is for decode steps of a contiguous cache; build the next "
                              "step instead")
-        self.tokens.copy_(next_tokens)
-        self.positions.add_(1)
-        self.slots.add_(1)
-        self.context_lens.add_(1)
+        n = next_tokens.shape[0]
+        self.tokens[:n].copy_(next_tokens)
+        self.positions[:n].add_(1)
+        self.slots[:n].add_(1)
+        self.context_lens[:n].add_(1)
 
 
 class StepBuffers:
