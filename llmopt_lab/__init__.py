@@ -13,6 +13,7 @@ from .errors import LlmoptError
 from .generate import Generation, decode_one_token, generate, prefill, run_step
 from .model import Transformer
 from .sampling import SamplingParams
+from .serving import Engine, RequestOutput
 from .step import Step
 from .weights import ZOO, load_model, save_model
 
@@ -20,4 +21,4 @@ __version__ = "0.1.0"
 
 __all__ = ["KVPool", "StaticCache", "ModelConfig", "preset", "LlmoptError", "Generation",
            "decode_one_token", "generate", "prefill", "run_step", "Transformer", "SamplingParams",
-           "Step", "ZOO", "load_model", "save_model", "__version__"]
+           "Step", "Engine", "RequestOutput", "ZOO", "load_model", "save_model", "__version__"]

@@ -184,7 +184,8 @@ class StepView:
     :meth:`unpack` / :meth:`pack` move queries and outputs between the packed
     (N, H, D) layout and the (S, H, max_queries, D) rectangle (a view when
     every sequence has the same number of queries; padded rows otherwise,
-    computed and dropped).
+    computed and dropped). For a mixed step :func:`attend` does not pad: it
+    runs one rectangle per group of sequences with the same query count.
     """
 
     def __init__(self, step, kv):
@@ -207,6 +208,25 @@ class StepView:
         # keys sit at positions 0..L-1: the layout the flash kernels take
         self.meta = AttentionMeta(q_pos=q_pos, k_pos=k_pos, k_valid=k_valid,
                                   ranges=(q_pos[:, 0], step.context_lens))
+        self._groups = None
+        if not step.uniform:
+            # a mixed step (decode rows beside a long prefill chunk): one
+            # rectangle would pad every decode row to the chunk's length, so
+            # sequences with the same number of queries attend together
+            self._groups = []
+            starts = [0]
+            for n in step.num_queries:
+                starts.append(starts[-1] + n)
+            by_count: dict[int, list[int]] = {}
+            for s, n in enumerate(step.num_queries):
+                by_count.setdefault(n, []).append(s)
+            for n, seqs in sorted(by_count.items()):
+                rows = torch.tensor(seqs, device=dev)
+                toks = torch.tensor([starts[s] + i for s in seqs for i in range(n)], device=dev)
+                qp = step.positions[toks].view(len(seqs), n)
+                meta = AttentionMeta(q_pos=qp, k_pos=k_pos[: len(seqs)], k_valid=k_valid[rows],
+                                     ranges=(qp[:, 0], step.context_lens[rows]))
+                self._groups.append((rows, toks, n, meta))
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, D) packed -> (S, H, max_queries, D)."""
@@ -236,8 +256,15 @@ def attend(attn_fn: Callable, q: torch.Tensor, kv, layer: int, view: StepView,
         if out is not None:
             return out.flatten(1)
     k, v = kv.read(layer, view.step)  # (S, Hkv, L, D) each
-    out = attn_fn(view.unpack(q), k, v, view.meta, window, scale)  # (S, Hq, T, D)
-    return view.pack(out)
+    if view._groups is None:
+        out = attn_fn(view.unpack(q), k, v, view.meta, window, scale)  # (S, Hq, T, D)
+        return view.pack(out)
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])  # (N, Hq * D)
+    for rows, toks, n, meta in view._groups:  # sequences with n queries each
+        qg = q[toks].view(len(rows), n, *q.shape[1:]).transpose(1, 2)  # (G, Hq, n, D)
+        og = attn_fn(qg, k[rows], v[rows], meta, window, scale)  # (G, Hq, n, D)
+        out[toks] = og.transpose(1, 2).reshape(len(toks), -1)
+    return out
 
 
 def get_attention(name_or_fn: str | Callable) -> Callable:

@@ -44,3 +44,9 @@ class QuantizationError(TransformError):
 
 class TrainingError(LlmoptError, ValueError):
     """Bad training settings or arguments (steps, precision for the device, checkpoint)."""
+
+
+class ServingError(LlmoptError, ValueError):
+    """A request or engine setting the serving engine cannot take (a prompt
+    longer than the context, a KV budget too small for one request, an unknown
+    batching policy, a request id it does not know)."""

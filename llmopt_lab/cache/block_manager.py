@@ -33,12 +33,15 @@ Two choices worth knowing:
   ``len - 1`` tokens can hit (vLLM's rule), so at least one token is computed
   (the model needs its logits) and the recomputed tokens go to private blocks:
   a shared block is never written.
-* Hashes are registered when blocks are handed out (``allocate``, and
-  ``append_slot`` when a block fills), before the step that computes their
-  K/V runs, as nano-vllm does. A step writes every token's K/V before any
+* When is a block named? By default when it is handed out (``allocate``, and
+  ``append_slot`` when a block fills), before the step that computes its K/V
+  runs, as nano-vllm does. A step writes every token's K/V before any
   attention reads them, so a sequence that hits those blocks is safe in the
-  same step or later; a scheduler that prefills prompts in chunks must not run
-  a hit on blocks whose chunk has not been computed yet.
+  same step or later. A scheduler that prefills prompts in chunks, or that
+  may preempt a sequence before its blocks are computed, builds the manager
+  with ``name_when="computed"`` and calls :meth:`BlockManager.mark_computed`
+  after each step: a block is then named only once its K/V exist, so no
+  prompt can hit a block that holds nothing yet.
 """
 
 from __future__ import annotations
@@ -113,10 +116,13 @@ class BlockManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = False,
-                 debug: bool = False):
+                 debug: bool = False, name_when: str = "allocated"):
         if num_blocks < 1 or block_size < 1:
             raise CacheError(f"num_blocks and block_size must be positive, got {num_blocks}, "
                              f"{block_size}")
+        if name_when not in ("allocated", "computed"):
+            raise CacheError(f"name_when must be 'allocated' or 'computed', got {name_when!r}")
+        self.name_when = name_when
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_cache, self.debug = enable_prefix_cache, debug
         self._ref = [0] * num_blocks
@@ -132,6 +138,7 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._seqs: dict[int, object] = {}  # id -> live sequence (holding blocks)
         self._ntok: dict[int, int] = {}  # id -> tokens it has slots for
+        self._named: dict[int, int] = {}  # id -> leading full blocks of its table that are named
         self.hits = self.misses = self.collisions = 0
 
     # ------------------------------------------------------------------ queries
@@ -174,15 +181,17 @@ class BlockManager:
                 del self._free[b]
             self._ref[b] += 1
             table.append(b)
+        eager = self.name_when == "allocated"
         for i in range(len(hits), _blocks_for(len(seq.tokens), bs)):
             b = self._take_free()
             table.append(b)
-            if i < len(hashes):  # a full block: name it for later prompts
+            if eager and i < len(hashes):  # a full block: name it for later prompts
                 self._register(b, hashes[i], seq.tokens[i * bs:(i + 1) * bs],
                                self._key[table[i - 1]] if i else None)
         seq.block_table = table
         seq.num_cached_tokens = len(hits) * bs
         self._seqs[id(seq)], self._ntok[id(seq)] = seq, len(seq.tokens)
+        self._named[id(seq)] = len(seq.tokens) // bs if eager else len(hits)
         if self.enable_prefix_cache:
             self.hits += seq.num_cached_tokens
             self.misses += len(seq.tokens) - seq.num_cached_tokens
@@ -213,14 +222,41 @@ class BlockManager:
             self._ref[src] -= 1
             table[-1], pair = dst, (src, dst)
         self._ntok[id(seq)] = pos + 1
-        if self.enable_prefix_cache and (pos + 1) % bs == 0:  # the last block is now full
-            i = pos // bs
-            prev = table[i - 1] if i else None
-            self._register(table[i], block_hash(self._hash[prev] if i else None,
-                                                seq.tokens[i * bs:(i + 1) * bs]),
-                           seq.tokens[i * bs:(i + 1) * bs], self._key[prev] if i else None)
+        if self.name_when == "allocated" and (pos + 1) % bs == 0:  # the last block is now full
+            self._name_block(seq, pos // bs)
+            self._named[id(seq)] = (pos + 1) // bs
         self._checked()
         return pair
+
+    def mark_computed(self, seq, num_tokens: int) -> None:
+        """Record that the K/V of ``seq``'s first ``num_tokens`` positions are
+        written: with ``name_when="computed"`` its full blocks among them are
+        named (a later prompt may hit them from now on). A no-op for the
+        default ``name_when="allocated"``. Raises CacheError if seq holds no
+        blocks or num_tokens exceeds its slots.
+        """
+        self._live(seq)
+        if not 0 <= num_tokens <= self._ntok[id(seq)]:
+            raise CacheError(f"{num_tokens} computed tokens but the sequence has slots for "
+                             f"{self._ntok[id(seq)]}")
+        if self.name_when != "computed":
+            return
+        for i in range(self._named[id(seq)], num_tokens // self.block_size):
+            self._name_block(seq, i)
+        self._named[id(seq)] = max(self._named[id(seq)], num_tokens // self.block_size)
+        self._checked()
+
+    def _name_block(self, seq, i: int) -> None:
+        """Name full block i of seq by its chained hash (prefix cache)."""
+        if not self.enable_prefix_cache:
+            return
+        bs, table = self.block_size, seq.block_table
+        prev = table[i - 1] if i else None
+        if self._hash[table[i]] is not None:  # named already (shared through a fork)
+            return
+        self._register(table[i], block_hash(self._hash[prev] if i else None,
+                                            seq.tokens[i * bs:(i + 1) * bs]),
+                       seq.tokens[i * bs:(i + 1) * bs], self._key[prev] if i else None)
 
     def fork(self, parent, child) -> None:
         """Let ``child`` share every block of ``parent`` (ref counts +1): parallel
@@ -242,6 +278,7 @@ class BlockManager:
         child.block_table = list(parent.block_table)
         child.num_cached_tokens = parent.num_cached_tokens
         self._seqs[id(child)], self._ntok[id(child)] = child, self._ntok[id(parent)]
+        self._named[id(child)] = self._named[id(parent)]
         self._checked()
 
     def free(self, seq) -> None:
@@ -259,7 +296,7 @@ class BlockManager:
                 self._free[b] = None
                 if self._hash[b] is None:  # nothing reusable: hand it out first
                     self._free.move_to_end(b, last=False)
-        del self._seqs[id(seq)], self._ntok[id(seq)]
+        del self._seqs[id(seq)], self._ntok[id(seq)], self._named[id(seq)]
         seq.block_table = []
         seq.num_cached_tokens = 0
         self._checked()
@@ -269,8 +306,9 @@ class BlockManager:
         """Raise CacheError if the books do not balance: every block is either
         free (ref 0, in the free list once) or held (ref = number of live
         sequences whose table holds it, never negative); every cache entry names
-        a block carrying that hash; every full block of a live table is named
-        (prefix cache); with no live sequence every block is free."""
+        a block carrying that hash; every named full block of a live table is
+        named by its tokens (prefix cache: with ``name_when="allocated"``,
+        every full block); with no live sequence every block is free."""
         held = [0] * self.num_blocks
         for key, seq in self._seqs.items():
             for b in seq.block_table:
@@ -282,7 +320,7 @@ class BlockManager:
                                  f"{self._ntok[key]} tokens")
             if self.enable_prefix_cache:
                 bs = self.block_size
-                for i, b in enumerate(seq.block_table[:self._ntok[key] // bs]):
+                for i, b in enumerate(seq.block_table[:self._named[key]]):
                     if self._tokens[b] != tuple(seq.tokens[i * bs:(i + 1) * bs]):
                         raise CacheError(f"invariant broken: full block {b} is not named by its "
                                          "tokens")

@@ -1,0 +1,74 @@
+"""Turns a scheduled batch into one :class:`~llmopt_lab.step.Step` and runs it (lesson 10).
+
+The runner owns the KV pool: the block manager's ``num_blocks`` blocks plus
+one *scratch* block that no sequence owns. Padding (what static batching
+computes and continuous batching does not) writes its keys and values there,
+so padded rows cost real compute but can never corrupt a sequence's cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import KVPool
+from ..step import host_step
+from .scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    """Runs steps of ``model`` over a pool of ``num_blocks`` (+1 scratch) blocks
+    of ``block_size`` slots.
+
+    ``pool_cls``: the storage class (:class:`~llmopt_lab.cache.KVPool`, or
+    :class:`~llmopt_lab.cache.pool.Int8KVPool` for int8 K/V).
+    """
+
+    def __init__(self, model, num_blocks: int, block_size: int, pool_cls=KVPool,
+                 pad_token_id: int = 0):
+        self.model = model
+        self.block_size = block_size
+        self.pool = pool_cls(model.config, num_blocks + 1, block_size, device=model.device,
+                             dtype=model.dtype)
+        self.scratch = num_blocks  # the extra block: padding writes here
+        self.pad_token_id = pad_token_id
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], int]:
+        """One forward of ``batch``.
+
+        Returns (logits, rows, padding): float32 logits (R, V) after the last
+        token of each sequence whose chunk reaches the end of its tokens (it
+        samples a new token), ``rows``: the indices in ``batch.seqs`` of those
+        sequences, in order; ``padding``: padding tokens computed.
+        """
+        bs, pad = self.block_size, self.pad_token_id
+        chunks, starts, tables, last, rows = [], [], [], [], []
+        padding, width = 0, batch.padded_to
+        for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            start = s.num_computed
+            chunk = s.tokens[start:start + n]
+            table = list(s.block_table)
+            extra = width - n if width else 0  # static prefill: right-pad to the longest
+            if extra:
+                chunk = chunk + [pad] * extra
+                padding += extra
+                need = -(-(start + len(chunk)) // bs)
+                table += [self.scratch] * (need - len(table))  # pads past the blocks: scratch
+            chunks.append(chunk)
+            starts.append(start)
+            tables.append(table)
+            offset = sum(len(c) for c in chunks[:-1])
+            if start + n == len(s.tokens):
+                rows.append(i)
+                last.append(offset + n - 1)  # the last real token, not the last pad
+        for _ in range(batch.pad_rows):  # a finished member of a static batch: one pad token
+            chunks.append([pad])
+            starts.append(0)
+            tables.append([self.scratch])
+            padding += 1
+        step = host_step(chunks, starts, tables, bs).to_step(self.model.device)
+        hidden = self.model.step_hidden(step, self.pool)  # (N, H)
+        if not last:
+            return hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32), rows, padding
+        idx = torch.tensor(last, device=hidden.device)
+        return self.model.lm_head(hidden[idx]).float(), rows, padding
