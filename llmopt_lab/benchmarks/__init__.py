@@ -46,6 +46,8 @@ BENCHMARKS: list[Benchmark] = [
               "KV waste of paging, prefix caching, and the paged kernel against flash decoding"),
     Benchmark("08", "speculative", "llmopt_lab.benchmarks.speculative",
               "speculative decoding (draft model, prompt lookup) against plain decoding"),
+    Benchmark("10", "batching", "llmopt_lab.benchmarks.batching",
+              "static, dynamic and continuous batching on one workload (engine throughput, latency)"),
 ]
 
 
