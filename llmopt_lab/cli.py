@@ -17,6 +17,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("llmopt_lab.commands.info", "device, versions, kernel mode and the device's limits"),
     "generate": ("llmopt_lab.commands.generate", "complete a prompt with a model (zoo name, folder or hub id)"),
+    "serve": ("llmopt_lab.commands.serve", "serve a model over HTTP (OpenAI-compatible /v1/completions, streaming)"),
     "tour": ("llmopt_lab.commands.tour", "run every lesson's benchmark at a size that fits this device"),
     "bench": ("llmopt_lab.commands.bench", "run one lesson's benchmark (GPU-scale sizes available)"),
     "exercises": ("llmopt_lab.course.exercises", "build exercises/ from solutions/ (or check they are current)"),
