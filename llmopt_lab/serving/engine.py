@@ -17,17 +17,18 @@ prompt is complete, and retires those that stop. :meth:`add_request` and
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, fields
 from typing import Iterator, Sequence as Seq
 
 import torch
 
-from ..cache import KVPool
+from ..cache import KVPool, copy_blocks
 from ..cache.block_manager import BlockManager, _blocks_for
 from ..cache.pool import Int8KVPool
 from ..errors import GenerationError, ServingError
-from ..generate import check_token_ids
+from ..generate import check_token_ids, row_params
 from ..sampling import SamplingParams, sample_rows
 from .runner import ModelRunner
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -225,8 +226,6 @@ class Engine:
         if not len(batch):
             self.stats.idle_steps += 1
             return []
-        from ..cache import copy_blocks
-
         copy_blocks(self.runner.pool, batch.copies)
         logits, rows, padding = self.runner.run(batch)
         self._account(batch, padding)
@@ -252,8 +251,7 @@ class Engine:
         for s, n in zip(batch.seqs, batch.num_tokens):
             if s.in_prefill:
                 st.prompt_tokens_computed += n
-            if s.num_computed == s.num_cached_tokens and s.num_cached_tokens and n:
-                st.prompt_tokens_cached += s.num_cached_tokens  # first chunk after a hit
+        st.prompt_tokens_cached += sum(s.num_cached_tokens for s in batch.admitted)
         st.batch_tokens += sum(batch.num_tokens) + padding
         st.batch_seqs += len(batch)
         st.kv_blocks_used += self.block_manager.num_blocks - self.block_manager.num_free_blocks
@@ -358,12 +356,16 @@ class Engine:
             ids = prompt.tolist()
         else:
             try:
-                ids = [int(t) for t in prompt]
-            except (TypeError, ValueError):
+                prompt = list(prompt)
+            except TypeError:
                 raise ServingError("a prompt is a list of token ids (or a string with a "
                                    f"tokenizer), got {type(prompt).__name__}") from None
-            if any(isinstance(t, bool) or (isinstance(t, float)) for t in prompt):
-                raise ServingError("token ids must be integers")
+            try:  # ints of any kind (numpy's too), never floats or bools
+                if any(isinstance(t, bool) for t in prompt):
+                    raise TypeError
+                ids = [operator.index(t) for t in prompt]
+            except TypeError:
+                raise ServingError("token ids must be integers") from None
         self._check_prompt(ids)
         return ids
 
@@ -390,13 +392,10 @@ class Engine:
 
     @staticmethod
     def _params_list(params, n: int) -> list[SamplingParams]:
-        if params is None or isinstance(params, SamplingParams):
-            return [params or SamplingParams()] * n
-        params = list(params)
-        if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
-            raise ServingError(f"give one SamplingParams for all prompts or one per prompt ({n}), "
-                               f"got {len(params)}")
-        return params
+        try:
+            return row_params(n, params)
+        except GenerationError as e:
+            raise ServingError(str(e)) from None
 
     def check_drained(self) -> None:
         """Raise ServingError unless every block is free or held only by the

@@ -43,7 +43,7 @@ class ModelRunner:
         """
         bs, pad = self.block_size, self.pad_token_id
         chunks, starts, tables, last, rows = [], [], [], [], []
-        padding, width = 0, batch.padded_to
+        padding, width, offset = 0, batch.padded_to, 0
         for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = s.num_computed
             chunk = s.tokens[start:start + n]
@@ -57,10 +57,10 @@ class ModelRunner:
             chunks.append(chunk)
             starts.append(start)
             tables.append(table)
-            offset = sum(len(c) for c in chunks[:-1])
             if start + n == len(s.tokens):
                 rows.append(i)
                 last.append(offset + n - 1)  # the last real token, not the last pad
+            offset += len(chunk)
         for _ in range(batch.pad_rows):  # a finished member of a static batch: one pad token
             chunks.append([pad])
             starts.append(0)

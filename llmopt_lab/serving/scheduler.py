@@ -73,7 +73,8 @@ class ScheduledBatch:
     length (0: no padding); ``pad_rows``: finished members of a static batch
     that compute one padding token each; ``copies``: (src, dst) block copies
     (copy-on-write) to make before the step; ``preempted``: sequences sent
-    back to the queue while scheduling."""
+    back to the queue while scheduling; ``admitted``: sequences that got their
+    blocks in this step (their ``num_cached_tokens`` came from the prefix cache)."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
@@ -81,6 +82,7 @@ class ScheduledBatch:
     pad_rows: int = 0
     copies: list = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seqs) + self.pad_rows
@@ -131,7 +133,7 @@ class Scheduler:
                 full = len(self.waiting) >= self.config.max_num_seqs
                 if not full and now - self.waiting[0].arrival_time < self.config.max_wait_s:
                     return out  # wait for a fuller batch
-            self._form_batch()
+            self._form_batch(out)
         live = [s for s in self.batch if not s.finished]
         if any(s.in_prefill for s in live):  # the batch's first step: every prompt, padded
             out.padded_to = max(s.to_compute for s in live)
@@ -143,7 +145,7 @@ class Scheduler:
         out.pad_rows = len(self.batch) - len(live)
         return out
 
-    def _form_batch(self) -> None:
+    def _form_batch(self, out: ScheduledBatch) -> None:
         """Take waiting requests in order while their worst case (prompt +
         every token they may generate) fits the free blocks."""
         bs, free = self.bm.block_size, self.bm.num_free_blocks
@@ -154,11 +156,12 @@ class Scheduler:
                 break
             self.waiting.popleft()
             free -= need
-            self._admit(s)
+            self._admit(s, out)
             self.batch.append(s)
 
-    def _admit(self, s: Sequence) -> None:
+    def _admit(self, s: Sequence, out: ScheduledBatch) -> None:
         self.bm.allocate(s)
+        out.admitted.append(s)
         s.num_computed = s.num_cached_tokens
         s.cached_tokens_total += s.num_cached_tokens
         s.status = Status.RUNNING
@@ -201,7 +204,7 @@ class Scheduler:
             if not cfg.chunked_prefill and s.to_compute - self._cached(s) > budget and out.seqs:
                 break  # whole prompts only: wait for a step with room (alone, it may exceed)
             self.waiting.popleft()
-            self._admit(s)
+            self._admit(s, out)
             n = min(s.to_compute, budget) if cfg.chunked_prefill else s.to_compute
             out.seqs.append(s)
             out.num_tokens.append(n)
