@@ -238,3 +238,34 @@ def test_int8_kv_runs(model, workload):
 
 def test_scheduler_config_defaults():
     assert SchedulerConfig().policy == "continuous"
+
+
+def test_streamed_text_holds_back_partial_characters():
+    """A token that ends inside a UTF-8 character decodes to U+FFFD; the
+    stream must wait for the character instead of sending the replacement
+    and then the whole text again."""
+    from llmopt_lab import load_model
+    from llmopt_lab.serving.sequence import Sequence
+
+    model, tok = load_model("llmopt-tiny", device="cpu")
+    engine = Engine(model, tok)
+    word = "x日本€"
+    ids = tok(word).input_ids
+    seq = Sequence(request_id=0, prompt=[5], params=SamplingParams(), stop_ids=frozenset(),
+                   max_tokens=len(ids), arrival_time=0.0)
+    pieces = []
+    for t in ids:
+        seq.tokens.append(t)
+        pieces.append(engine._snapshot(seq, [t]).new_text)
+    assert all("\ufffd" not in p for p in pieces), pieces
+    assert "".join(pieces) == word
+    assert sum(1 for p in pieces if p == "") >= 2  # partial characters were held back
+    # a generation that ends inside a character sends what it has
+    seq2 = Sequence(request_id=1, prompt=[5], params=SamplingParams(), stop_ids=frozenset(),
+                    max_tokens=2, arrival_time=0.0)
+    seq2.tokens.append(ids[0])
+    first = engine._snapshot(seq2, [ids[0]]).new_text
+    seq2.tokens.append(tok("€").input_ids[0])
+    engine._finish(seq2, "length", 1.0)
+    last = engine._snapshot(seq2, []).new_text
+    assert first + last == tok.decode(seq2.output, skip_special_tokens=True)

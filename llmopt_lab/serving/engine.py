@@ -18,6 +18,7 @@ prompt is complete, and retires those that stop. :meth:`add_request` and
 from __future__ import annotations
 
 import operator
+import os
 import time
 from dataclasses import dataclass, fields
 from typing import Iterator, Sequence as Seq
@@ -124,6 +125,8 @@ class Engine:
         pad = config.pad_token_id if config.pad_token_id is not None else 0
         self.runner = ModelRunner(model, self.num_blocks, block_size, pool_cls, pad_token_id=pad)
         self.stats = EngineStats()
+        #: the batch the last step ran (a :class:`ScheduledBatch`; None before the first step)
+        self.last_batch: ScheduledBatch | None = None
         self._seqs: dict[int, Sequence] = {}
         self._next_id = 0
 
@@ -222,6 +225,7 @@ class Engine:
         """Run one step; returns a snapshot of every request that got new
         tokens or finished in it (empty when there was nothing to run)."""
         batch = self.scheduler.schedule(self.clock())
+        self.last_batch = batch
         self.stats.preemptions += len(batch.preempted)
         if not len(batch):
             self.stats.idle_steps += 1
@@ -278,9 +282,19 @@ class Engine:
     def _snapshot(self, s: Sequence, new: list[int]) -> RequestOutput:
         text = new_text = None
         if self.tokenizer is not None:
+            text = self.tokenizer.decode(s.output, skip_special_tokens=True)
+            # what may be streamed: a token that ends inside a UTF-8 character
+            # decodes to U+FFFD until the rest arrives, so hold that tail back
+            # (all of it once finished); s.text is what was streamed so far
+            ready = text if s.finished else text.rstrip("\ufffd")
             old = s.text
-            s.text = text = self.tokenizer.decode(s.output, skip_special_tokens=True)
-            new_text = text[len(old):] if text.startswith(old) else text
+            if ready.startswith(old):
+                new_text = ready[len(old):]
+                s.text = ready
+            else:  # the decoder rewrote streamed text (rare): stream only what is new after the common part
+                common = len(os.path.commonprefix([old, ready]))
+                new_text = ready[max(common, len(old)):] if len(ready) > len(old) else ""
+                s.text = old + new_text
         return RequestOutput(
             request_id=s.request_id, prompt_token_ids=list(s.prompt), token_ids=list(s.output),
             new_token_ids=list(new), finished=s.finished, finish_reason=s.finish_reason,
