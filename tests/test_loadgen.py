@@ -67,14 +67,27 @@ def test_run_load_reports_metrics_and_matches_policies():
     assert out["static"]["stats"]["padding_tokens"] > 0 == out["continuous"]["stats"]["padding_tokens"]
 
 
-def test_bench_10_quick(tmp_path):
+def test_bench_10_quick():
     from llmopt_lab.benchmarks import batching
 
     r = batching.run("quick", device="cpu", progress=False)
-    assert r["outputs_identical"]
+    assert r["outputs_identical"] and r["agreement"] == {"longtail": 1.0}
     assert {row["policy"] for row in r["rows"]} == {"static", "dynamic", "continuous"}
-    assert [t["name"] for t in r["targets"]][0] == "continuous / static throughput"
+    names = [t["name"] for t in r["targets"]]
+    assert names[0] == "continuous / static throughput, longtail outputs"
+    assert any(n.startswith("chunked prefill: p99") for n in names) and "packed / padded prefill" in names
+    # the padded prefill computes every prompt at the longest length, the packed one only real tokens
+    pk = r["packed"]
+    assert pk["padded"]["computed"] == pk["padded_tokens"] > pk["packed"]["computed"] == pk["prompt_tokens"]
+    whole, chunked = r["chunked"]
+    assert chunked["stats"]["steps"] > whole["stats"]["steps"]  # chunks take more steps
+    assert chunked["budget"] < whole["budget"]
+    static = next(x for x in r["rows"] if x["policy"] == "static")
+    cont = next(x for x in r["rows"] if x["policy"] == "continuous")
+    assert static["stats"]["padding_tokens"] > 0 == cont["stats"]["padding_tokens"]
     assert batching.summary_rows(r) and "targets:" in batching.summary_text(r)
+    fig = batching.plot(r, {"device": "test"})
+    assert len(fig.axes) == 3
 
 
 # ------------------------------------------------------------- over loopback HTTP
@@ -167,3 +180,12 @@ def test_request_metrics_from_a_trace():
     for arrival, times in ((0.0, []), (2.0, [1.0]), (0.0, [1.0, 0.5])):
         with pytest.raises(ServingError):
             request_metrics(arrival, times)
+
+
+def test_make_requests_scales_prompts_and_outputs_separately():
+    base = make_requests(50, prompt="uniform", output="uniform", seed=3, scale=0.5)
+    sep = make_requests(50, prompt="uniform", output="uniform", seed=3, prompt_scale=0.5, output_scale=0.05)
+    assert [len(a.prompt) for a in base] == [len(b.prompt) for b in sep]  # same prompt draws
+    assert max(b.max_new_tokens for b in sep) <= round(1024 * 0.05) < min(a.max_new_tokens for a in base)
+    with pytest.raises(ServingError):
+        make_requests(4, prompt_scale=0.0)

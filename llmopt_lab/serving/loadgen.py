@@ -86,19 +86,22 @@ def corpus_tokens(tokenizer, max_files: int = 8) -> list[int]:
 
 def make_requests(n: int, prompt: str = "uniform", output: str = "longtail", seed: int = 0,
                   rate: float = math.inf, tokens: list[int] | None = None, vocab: int = 4096,
-                  scale: float = 1.0, max_len: int | None = None) -> list[LoadRequest]:
+                  scale: float = 1.0, max_len: int | None = None, prompt_scale: float | None = None,
+                  output_scale: float | None = None) -> list[LoadRequest]:
     """``n`` requests: prompt and output lengths from the named distributions
-    (``scale`` applies to both), prompts cut from ``tokens`` (the corpus) or
-    random ids below ``vocab``, arrivals a Poisson process of ``rate``
-    requests/s (inf: all at time 0). ``max_len`` trims prompt + output to fit
-    a context. Deterministic for a seed."""
+    (``scale`` applies to both; ``prompt_scale`` / ``output_scale`` override
+    it for one), prompts cut from ``tokens`` (the corpus) or random ids below
+    ``vocab``, arrivals a Poisson process of ``rate`` requests/s (inf: all at
+    time 0). ``max_len`` trims prompt + output to fit a context.
+    Deterministic for a seed. Raises ServingError for bad counts, rates,
+    scales or distribution names."""
     if not isinstance(n, int) or n < 1:
         raise ServingError(f"n must be a positive integer, got {n!r}")
     if not rate > 0:
         raise ServingError(f"rate must be positive (inf: all at once), got {rate!r}")
     rng = random.Random(seed)
-    plens = draw_lengths(prompt, n, rng, scale)
-    olens = draw_lengths(output, n, rng, scale)
+    plens = draw_lengths(prompt, n, rng, scale if prompt_scale is None else prompt_scale)
+    olens = draw_lengths(output, n, rng, scale if output_scale is None else output_scale)
     t, out = 0.0, []
     for p, o in zip(plens, olens):
         if max_len is not None:
