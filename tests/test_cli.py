@@ -23,8 +23,57 @@ def test_info(capsys):
     assert "torch" in out and "kernels run" in out and "limits" in out and "GB/s" in out
 
 
-def test_tour_quick_writes_results_and_plot(tmp_path, capsys):
-    assert main(["tour", "--size", "quick", "--out", str(tmp_path), "--quiet"]) == 0
+def _committed_results():
+    from llmopt_lab.measure import default_results_root
+
+    root = default_results_root()
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_short_tour_is_quick_and_never_touches_committed_results(tmp_path, capsys, monkeypatch):
+    import time
+
+    monkeypatch.setenv("LLMOPT_RESULTS", str(tmp_path / "mine"))
+    before = _committed_results()
+    t0 = time.perf_counter()
+    assert main(["tour", "--quiet"]) == 0
+    took = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    assert "roofline %" in out and "ridge point" in out and "continuous batching" in out
+    assert "same tokens: yes" in out and "python -m llmopt_lab bench" in out
+    assert took < 120, f"the tour took {took:.0f} s (first contact: at most two minutes)"
+    assert _committed_results() == before  # nothing under results/ written or changed
+    first = list((tmp_path / "mine").glob("*/00_tour-*.json"))
+    assert len(first) == 1
+    data = json.loads(first[0].read_text())
+    assert data["lesson"] == "00" and data["generate_tokens_per_s"] > 0
+    assert {r["phase"] for r in data["rows"]} == {"prefill", "decode"}
+    assert data["serving"]["static"]["stats"]["padding_tokens"] > 0
+    assert data["serving"]["continuous"]["stats"]["padding_tokens"] == 0
+    assert main(["tour", "--quiet"]) == 0  # a second run keeps the first
+    assert len(list((tmp_path / "mine").glob("*/00_tour-*.json"))) == 2 and first[0].exists()
+
+
+def test_bench_default_goes_to_the_learners_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLMOPT_RESULTS", str(tmp_path))
+    before = _committed_results()
+    assert main(["bench", "08", "--size", "quick", "--no-plot", "--quiet"]) == 0
+    assert _committed_results() == before
+    assert len(list(tmp_path.glob("*/08_speculative-*.json"))) == 1
+
+
+def test_save_result_stamped_names_never_overwrite(tmp_path):
+    from llmopt_lab.measure import save_result
+
+    prov = {"device_slug": "x", "date": "2026-12-03T08:00:00+00:00"}
+    a = save_result("r", {"provenance": prov, "v": 1}, root=tmp_path, stamp=True)
+    b = save_result("r", {"provenance": prov, "v": 2}, root=tmp_path, stamp=True)
+    assert a.name == "r-20261203-080000.json" and b.name == "r-20261203-080000-2.json"
+    assert json.loads(a.read_text())["v"] == 1 and json.loads(b.read_text())["v"] == 2
+
+
+def test_tour_full_quick_writes_results_and_plot(tmp_path, capsys):
+    assert main(["tour", "--full", "--size", "quick", "--out", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "Lesson 01" in out and "prefill" in out and "decode" in out and "roofline %" in out
     assert "generate (HF)" in out

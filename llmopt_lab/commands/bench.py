@@ -14,8 +14,10 @@ def add_arguments(p) -> None:
     p.add_argument("--size", default="auto",
                    help="auto (gpu on a GPU, else cpu), quick, cpu, or gpu (GPU-scale models)")
     p.add_argument("--out", default=None,
-                   help="results folder (default: results/ of this checkout); JSON goes to "
-                        "OUT/<device>/<lesson>.json, the plot beside it")
+                   help="results folder: JSON goes to OUT/<device>/<lesson>.json, the plot beside "
+                        "it (default: my-results/ of this checkout, with dated file names so no "
+                        "earlier run is overwritten; '--out results' records into the committed "
+                        "results/)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--show", metavar="JSON", default=None,

@@ -1,14 +1,38 @@
-"""``python -m llmopt_lab tour``: every lesson benchmark at a size that fits here."""
+"""``python -m llmopt_lab tour``: a first contact with the course in about a
+minute (``--full``: every lesson's benchmark at a size that fits here).
+
+The short tour measures this machine's limits, meets llmopt-tiny, places its
+prefill and decode steps on this machine's roofline, and serves a small
+load with static and continuous batching; then it says where to go next.
+Results of a learner's own runs go to ``my-results/`` (or ``--out``), never
+over the committed ``results/`` unless that folder is asked for by name.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
+def next_steps() -> str:
+    """The closing pointer: the lessons and the full benchmarks."""
+    from ..benchmarks import BENCHMARKS
+
+    lessons = ", ".join(b.number for b in BENCHMARKS)
+    return ("next:\n"
+            "  jupyter lab notebooks/                 the lessons, 00 first\n"
+            f"  python -m llmopt_lab bench 01          one lesson's full benchmark ({lessons})\n"
+            "  python -m llmopt_lab tour --full       every benchmark at this machine's size (minutes)")
+
+
 def add_arguments(p) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--size", default="auto", help="auto (default), quick, cpu or gpu")
-    p.add_argument("--out", default=None, help="results folder (default: results/ of this checkout)")
+    p.add_argument("--full", action="store_true",
+                   help="run every lesson's benchmark instead of the short tour")
+    p.add_argument("--size", default="auto",
+                   help="with --full: auto (default), quick, cpu or gpu")
+    p.add_argument("--out", default=None,
+                   help="results folder (default: my-results/ of this checkout, with dated file "
+                        "names so no earlier run is overwritten)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -16,9 +40,11 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..benchmarks import BENCHMARKS
 
-    return run_benchmarks(BENCHMARKS, args.device, args.size,
-                          Path(args.out) if args.out else None, plot=not args.no_plot,
-                          progress=not args.quiet)
+    out = Path(args.out) if args.out else None
+    if args.full:
+        return run_benchmarks(BENCHMARKS, args.device, args.size, out, plot=not args.no_plot,
+                              progress=not args.quiet)
+    return first_contact(args.device, out, progress=not args.quiet)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -43,8 +69,103 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _where(out: Path | None) -> tuple[Path, bool]:
+    """(folder, stamp): the learner's folder with dated names by default; a
+    folder given by name gets the plain names (``<lesson>.json``)."""
+    from ..measure.results import user_results_root
+
+    return (user_results_root(), True) if out is None else (out, False)
+
+
+def first_contact(device=None, out: Path | None = None, progress: bool = True) -> int:
+    """The short tour (about a minute on a 2-core CPU); returns 0."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .. import measure
+    from ..benchmarks.anatomy import measure_decode, measure_prefill
+    from ..generate import generate
+    from ..serving import Engine
+    from ..serving.loadgen import corpus_tokens, make_requests, run_load
+    from ..weights import load_model, resolve_device
+
+    dev = resolve_device(device)
+    prov = measure.provenance(dev)
+    print(f"{prov['device']} | torch {prov['torch']} | triton {prov['triton']} | "
+          f"commit {prov['git_commit'][:12]}")
+    stages = ["this machine's limits", "llmopt-tiny", "a first answer", "prefill on the roofline",
+              "decode, batch 1", "decode, batch 16", "serving 32 requests"]
+    bar = tqdm(total=len(stages), desc="tour", disable=not progress, leave=False)
+
+    def stage(i):
+        bar.set_postfix_str(stages[i])
+
+    stage(0)
+    limits = measure.device_limits(dev)
+    key = "fp32" if dev.type == "cpu" else "bf16"
+    bar.update()
+    stage(1)
+    model, tok = load_model("llmopt-tiny", device=dev)
+    bar.update()
+    stage(2)
+    prompt = "def fibonacci(n):\n"
+    ids = tok(prompt, return_tensors="pt").input_ids.to(dev)
+    generate(model, ids, max_new_tokens=4)  # warm-up
+    t0 = time.perf_counter()
+    answer = generate(model, ids, max_new_tokens=48).tolist()[0]
+    gen_s = time.perf_counter() - t0
+    bar.update()
+    rows = []
+    stage(3)
+    rows.append(measure_prefill(model, 1, 128, limits, repeat=3))
+    bar.update()
+    stage(4)
+    rows.append(measure_decode(model, 1, 128, limits, steps=16))
+    bar.update()
+    stage(5)
+    rows.append(measure_decode(model, 16, 128, limits, steps=16))
+    bar.update()
+    stage(6)
+    reqs = make_requests(32, prompt="uniform", output="longtail", seed=0, tokens=corpus_tokens(tok),
+                         scale=0.06, max_len=model.config.max_position_embeddings)
+    serving = {p: run_load(Engine(model, tok, policy=p, max_num_seqs=8), reqs)
+               for p in ("static", "continuous")}
+    bar.update()
+    bar.close()
+
+    print(f"\nthis machine: {limits.bandwidth / 1e9:.1f} GB/s memory bandwidth, "
+          f"{limits.flops(key) / 1e9:.0f} GFLOP/s ({key}, {limits.source}); ridge point "
+          f"{limits.ridge_point(key):.1f} FLOP/byte")
+    print(f"\nllmopt-tiny ({model.config.num_parameters() / 1e6:.1f}M parameters), greedy, 48 tokens "
+          f"in {gen_s:.2f} s ({48 / gen_s:.0f} tokens/s):")
+    print("  " + (prompt + tok.decode(answer, skip_special_tokens=True)).replace("\n", "\n  ").rstrip())
+    print("\non the roofline (lesson 01): the least time the limits allow, over the time measured")
+    print(format_table([{"phase": r["phase"], "batch": r["batch"], "tokens": r["tokens"],
+                         "ms": round(1e3 * r["time_s"], 2), "tokens/s": round(r["tokens_per_s"]),
+                         "FLOP/byte": round(r["intensity"], 1),
+                         "roofline %": round(100 * r["fraction"], 1)} for r in rows]))
+    s, c = serving["static"], serving["continuous"]
+    print(f"\nserving 32 requests, batch 8 (lesson 10): static batching {s['throughput_tok_s']:.0f} "
+          f"tokens/s with {s['stats']['padding_tokens']} padding tokens; continuous batching "
+          f"{c['throughput_tok_s']:.0f} tokens/s with none "
+          f"({c['throughput_tok_s'] / s['throughput_tok_s']:.1f}x); same tokens: "
+          f"{'yes' if s['outputs'] == c['outputs'] else 'NO'}")
+    for r in serving.values():
+        r.pop("outputs")
+    folder, stamp = _where(out)
+    path = measure.save_result("00_tour", dict(
+        benchmark="tour", lesson="00", limits=limits.to_dict(), generate_tokens_per_s=48 / gen_s,
+        answer=tok.decode(answer, skip_special_tokens=True), rows=rows, serving=serving),
+        root=folder, device=dev, stamp=stamp)
+    print(f"\nresults: {path}\n\n{next_steps()}")
+    return 0
+
+
 def run_benchmarks(benchmarks, device, size: str, out: Path | None, plot: bool = True,
                    progress: bool = True) -> int:
+    """Run ``benchmarks`` and save each result: to ``out`` under its plain
+    name, or (``out`` None) to the learner's folder with a dated name."""
     from .. import measure
     from ..benchmarks import resolve_size
     from ..weights import resolve_device
@@ -53,11 +174,13 @@ def run_benchmarks(benchmarks, device, size: str, out: Path | None, plot: bool =
     prov = measure.provenance(dev)
     print(f"{prov['device']} | torch {prov['torch']} | triton {prov['triton']} | "
           f"commit {prov['git_commit'][:12]}")
+    folder, stamp = _where(out)
     for b in benchmarks:
         module = b.load()
         chosen = resolve_size(module, size, dev)
         result = module.run(chosen, dev, progress=progress)
-        path = measure.save_result(f"{b.number}_{b.name}", result, root=out, device=dev)
+        path = measure.save_result(f"{b.number}_{b.name}", result, root=folder, device=dev,
+                                   stamp=stamp)
         _report(b, module, result, prov, path, plot)
     return 0
 

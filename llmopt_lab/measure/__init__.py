@@ -34,7 +34,7 @@ from .metrics import (ServingStats, bootstrap_interval, kl_divergence, percentil
                       token_nll, top1_agreement)
 from .profile import OpRow, StepProfile, profile_step
 from .results import (default_results_root, device_name, device_slug, load_results, provenance,
-                      save_result)
+                      save_result, user_results_root)
 from .roofline import (StepCost, achieved_fraction, arithmetic_intensity, attainable_flops,
                        roofline_time, step_cost)
 from .timing import OperandRotation, Timing, l2_cache_bytes, synchronize, time_fn
@@ -54,7 +54,7 @@ __all__ = [
     "OpRow", "StepProfile", "profile_step",
     # provenance and results
     "provenance", "device_name", "device_slug", "save_result", "load_results",
-    "default_results_root",
+    "default_results_root", "user_results_root",
     # metrics
     "position_nll", "token_nll", "perplexity_from_nll", "position_kl", "kl_divergence",
     "top1_agreement", "bootstrap_interval", "ppl_delta_interval", "recovery", "recovery_interval",

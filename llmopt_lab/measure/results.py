@@ -138,6 +138,18 @@ def default_results_root() -> Path:
     return Path("results")
 
 
+def user_results_root() -> Path:
+    """Where a learner's own runs go by default: ``my-results/`` of the
+    checkout (ignored by git), else ``my-results`` in the working directory;
+    ``LLMOPT_RESULTS`` overrides it. Never the committed ``results/``."""
+    env = os.environ.get("LLMOPT_RESULTS")
+    if env:
+        return Path(env).expanduser()
+    if (_REPO / "pyproject.toml").is_file():
+        return _REPO / "my-results"
+    return Path("my-results")
+
+
 def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
@@ -157,13 +169,17 @@ def _jsonable(obj: Any) -> Any:
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def save_result(name: str, data: dict, root: str | Path | None = None, device: Any = None) -> Path:
+def save_result(name: str, data: dict, root: str | Path | None = None, device: Any = None,
+                stamp: bool = False) -> Path:
     """Write ``data`` as JSON to ``<root>/<device-slug>/<name>.json``; return the path.
 
     A top-level "provenance" key (:func:`provenance` of ``device``) is added
     unless ``data`` has one. Dataclasses, tensors and dtypes are converted.
-    root: default :func:`default_results_root`. Raises ValueError for a name
-    that is not a plain file name, TypeError for data JSON cannot hold.
+    root: default :func:`default_results_root`. stamp: add the provenance's
+    date to the file name (``<name>-YYYYmmdd-HHMMSS.json``, then ``-2``,
+    ``-3``, ... if taken) so that no earlier run is overwritten. Raises
+    ValueError for a name that is not a plain file name, TypeError for data
+    JSON cannot hold.
     """
     if not _NAME.fullmatch(name) or name.endswith(".json"):
         raise ValueError(f"result name {name!r} must be a plain name like 'decode_sweep'")
@@ -175,6 +191,12 @@ def save_result(name: str, data: dict, root: str | Path | None = None, device: A
     folder = root / prov.get("device_slug", device_slug(device))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
+    if stamp:
+        when = re.sub(r"[^0-9T]", "", str(prov.get("date", "")))[:15].replace("T", "-") or "undated"
+        path, n = folder / f"{name}-{when}.json", 1
+        while path.exists():
+            n += 1
+            path = folder / f"{name}-{when}-{n}.json"
     text = json.dumps(record, indent=1, default=_jsonable)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(text + "\n", encoding="utf-8")
