@@ -42,6 +42,12 @@ class QuantizationError(TransformError):
     missing calibration set, a device without the needed feature."""
 
 
+class PruningError(TransformError):
+    """A pruning request the library cannot honour: a sparsity outside [0, 1),
+    an N:M pattern that does not divide the layer, an unknown method or scope,
+    a missing calibration set."""
+
+
 class TrainingError(LlmoptError, ValueError):
     """Bad training settings or arguments (steps, precision for the device, checkpoint)."""
 
