@@ -48,6 +48,13 @@ class ModelConfig:
     (``"sliding_attention"``) and which see everything (``"full_attention"``);
     when ``sliding_window`` is set and ``layer_types`` is None, every layer
     slides.
+
+    ``layer_intermediate_sizes`` and ``layer_num_heads`` (one entry per layer)
+    record a structurally pruned model whose layers have different MLP widths
+    or numbers of query heads (lesson 04); None means every layer has
+    ``intermediate_size`` and ``num_heads``. The KV heads stay the same in every
+    layer, so the caches do not change. Such a checkpoint is for this library:
+    transformers reads only the uniform sizes.
     """
 
     vocab_size: int
@@ -73,6 +80,8 @@ class ModelConfig:
     pad_token_id: int | None = None
     architecture: str = "LlamaForCausalLM"
     torch_dtype: str | None = None
+    layer_intermediate_sizes: tuple[int, ...] | None = None
+    layer_num_heads: tuple[int, ...] | None = None
     name: str = "custom"
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -111,6 +120,19 @@ class ModelConfig:
                 self.rope_scaling = None
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or None, got {self.sliding_window}")
+        for name in ("layer_intermediate_sizes", "layer_num_heads"):
+            sizes = getattr(self, name)
+            if sizes is None:
+                continue
+            sizes = tuple(sizes)
+            setattr(self, name, sizes)
+            if len(sizes) != self.num_layers or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+                raise ConfigError(f"{name} must hold {self.num_layers} positive integers (one per "
+                                  f"layer), got {list(sizes)}")
+        if self.layer_num_heads is not None and any(h % self.num_kv_heads for h in self.layer_num_heads):
+            raise ConfigError(f"every layer's query heads must be a multiple of num_kv_heads "
+                              f"({self.num_kv_heads}), got {list(self.layer_num_heads)}")
         if self.layer_types is not None:
             self.layer_types = tuple(self.layer_types)
             if len(self.layer_types) != self.num_layers:
@@ -132,6 +154,18 @@ class ModelConfig:
     @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
+
+    def intermediate_size_at(self, layer_idx: int) -> int:
+        """The MLP width of one layer (``intermediate_size`` unless pruned per layer)."""
+        if self.layer_intermediate_sizes is None:
+            return self.intermediate_size
+        return self.layer_intermediate_sizes[layer_idx]
+
+    def num_heads_at(self, layer_idx: int) -> int:
+        """The query heads of one layer (``num_heads`` unless pruned per layer)."""
+        if self.layer_num_heads is None:
+            return self.num_heads
+        return self.layer_num_heads[layer_idx]
 
     @property
     def kv_size(self) -> int:
@@ -155,15 +189,17 @@ class ModelConfig:
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
         """Parameter count implied by the config (counts, not bytes)."""
-        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
-        if self.qkv_bias:
-            attn += self.q_size + 2 * self.kv_size
-        if self.o_bias:
-            attn += h
-        mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
-        per_layer = attn + mlp + 2 * h
-        total = self.num_layers * per_layer + h
+        h = self.hidden_size
+        total = h
+        for layer in range(self.num_layers):
+            i, q = self.intermediate_size_at(layer), self.num_heads_at(layer) * self.head_dim
+            attn = h * q + 2 * h * self.kv_size + q * h
+            if self.qkv_bias:
+                attn += q + 2 * self.kv_size
+            if self.o_bias:
+                attn += h
+            mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
+            total += attn + mlp + 2 * h
         if include_embeddings:
             total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         elif not self.tie_word_embeddings:
@@ -236,6 +272,8 @@ class ModelConfig:
                 pad_token_id=d.get("pad_token_id"),
                 architecture=arch,
                 torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+                layer_intermediate_sizes=d.get("llmopt_layer_intermediate_sizes"),
+                layer_num_heads=d.get("llmopt_layer_num_heads"),
                 name=name,
             )
         except KeyError as e:
@@ -279,6 +317,10 @@ class ModelConfig:
             "pad_token_id": self.pad_token_id,
             "torch_dtype": self.torch_dtype or "float32",
         }
+        if self.layer_intermediate_sizes is not None:  # a structurally pruned model (lesson 04)
+            d["llmopt_layer_intermediate_sizes"] = list(self.layer_intermediate_sizes)
+        if self.layer_num_heads is not None:
+            d["llmopt_layer_num_heads"] = list(self.layer_num_heads)
         if model_type == "llama":
             if self.qkv_bias != self.o_bias:
                 raise ConfigError("Llama checkpoints put a bias on all of q, k, v, o or on none")

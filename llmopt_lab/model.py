@@ -90,13 +90,14 @@ class Attention(nn.Module):
         c = config
         kw = dict(device=device, dtype=dtype)
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads_at(layer_idx), c.num_kv_heads, c.head_dim
         self.window = c.layer_window(layer_idx)
         self.scale = c.head_dim ** -0.5
-        self.q_proj = nn.Linear(c.hidden_size, c.q_size, bias=c.qkv_bias, **kw)
+        q_size = self.num_heads * c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, q_size, bias=c.qkv_bias, **kw)
         self.k_proj = nn.Linear(c.hidden_size, c.kv_size, bias=c.qkv_bias, **kw)
         self.v_proj = nn.Linear(c.hidden_size, c.kv_size, bias=c.qkv_bias, **kw)
-        self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=c.o_bias, **kw)
+        self.o_proj = nn.Linear(q_size, c.hidden_size, bias=c.o_bias, **kw)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx, kv,
                 attn_fn: Callable) -> torch.Tensor:
@@ -123,12 +124,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: ModelConfig, device=None, dtype=None):
+    def __init__(self, config: ModelConfig, device=None, dtype=None, layer_idx: int = 0):
         super().__init__()
         kw = dict(bias=config.mlp_bias, device=device, dtype=dtype)
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
+        width = config.intermediate_size_at(layer_idx)
+        self.gate_proj = nn.Linear(config.hidden_size, width, **kw)
+        self.up_proj = nn.Linear(config.hidden_size, width, **kw)
+        self.down_proj = nn.Linear(width, config.hidden_size, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -140,7 +142,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.self_attn = Attention(config, layer_idx, device, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
-        self.mlp = MLP(config, device, dtype)
+        self.mlp = MLP(config, device, dtype, layer_idx)
 
     def forward(self, x, cos, sin, ctx, kv, attn_fn):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, kv, attn_fn)

@@ -117,25 +117,27 @@ def step_cost(config: ModelConfig, batch: int, new_tokens: int, context_len: int
     wb = _nbytes(dtype_bytes)
     kvb = wb if kv_dtype_bytes is None else _nbytes(kv_dtype_bytes)
     ab = wb if act_bytes is None else _nbytes(act_bytes)
-    h, i, q, kv, L = c.hidden_size, c.intermediate_size, c.q_size, c.kv_size, c.num_layers
+    h, kv, L = c.hidden_size, c.kv_size, c.num_layers
     tokens = batch * new_tokens
     logits = batch * logit_tokens
 
-    macs_per_token_layer = h * q + 2 * h * kv + q * h + 3 * h * i
-    flops_linear = 2 * macs_per_token_layer * tokens * L
+    # per layer: q/o projections and the MLP may be pruned to different widths (lesson 04)
+    widths = [(c.num_heads_at(j) * c.head_dim, c.intermediate_size_at(j)) for j in range(L)]
+    macs_per_token = sum(h * qj + 2 * h * kv + qj * h + 3 * h * ij for qj, ij in widths)
+    flops_linear = 2 * macs_per_token * tokens
     flops_lm_head = 2 * h * c.vocab_size * logits
-    pairs = 0  # (query, key) pairs over all layers, per sequence
+    pairs_heads = 0  # (query, key) pairs times query heads over all layers, per sequence
     keys_read = 0  # key positions read over all layers, per sequence
     for layer in range(L):
         window = c.layer_window(layer)
         if counted_context is not None:
-            pairs += new_tokens * counted_context
+            pairs_heads += new_tokens * counted_context * c.num_heads_at(layer)
             keys_read += counted_context
         else:
-            pairs += _visible_keys(context_len, new_tokens, window)
+            pairs_heads += _visible_keys(context_len, new_tokens, window) * c.num_heads_at(layer)
             first = 0 if window is None else max(0, context_len - window + 1)
             keys_read += context_len + new_tokens - first
-    flops_attention = 2 * 2 * c.num_heads * c.head_dim * pairs * batch
+    flops_attention = 2 * 2 * c.head_dim * pairs_heads * batch
 
     weight_elems = c.num_parameters(include_embeddings=False)
     if c.tie_word_embeddings:
@@ -143,13 +145,14 @@ def step_cost(config: ModelConfig, batch: int, new_tokens: int, context_len: int
     bytes_weights = weight_elems * wb + tokens * h * wb  # + embedding rows looked up
     bytes_kv_read = 2 * kv * keys_read * batch * kvb
     bytes_kv_write = 2 * kv * tokens * L * kvb
-    act_per_token_layer = ((h + q + 2 * kv)          # qkv: read x, write q, k, v
-                           + (q + q)                 # attention: read q, write out
-                           + (q + h)                 # o_proj
-                           + (h + 2 * i)             # gate, up
-                           + (2 * i + i)             # silu(gate) * up
-                           + (i + h))                # down
-    bytes_activations = (act_per_token_layer * tokens * L + logits * (h + c.vocab_size)) * ab
+    act_per_token = sum((h + qj + 2 * kv)          # qkv: read x, write q, k, v
+                        + (qj + qj)                # attention: read q, write out
+                        + (qj + h)                 # o_proj
+                        + (h + 2 * ij)             # gate, up
+                        + (2 * ij + ij)            # silu(gate) * up
+                        + (ij + h)                 # down
+                        for qj, ij in widths)
+    bytes_activations = (act_per_token * tokens + logits * (h + c.vocab_size)) * ab
 
     breakdown = {"flops_linear": float(flops_linear), "flops_attention": float(flops_attention),
                  "flops_lm_head": float(flops_lm_head), "bytes_weights": float(bytes_weights),
