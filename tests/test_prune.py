@@ -160,3 +160,24 @@ def test_a_quantized_model_is_refused(tiny):
 def test_bad_hessian_shape():
     with pytest.raises(PruningError, match="Hessian of shape"):
         sparsegpt_prune_layer(torch.randn(4, 8), torch.eye(6))
+
+
+def test_bench_04_quick():
+    from llmopt_lab.benchmarks import pruning
+
+    r = pruning.run("quick", device="cpu", progress=False)
+    labels = [row["label"] for row in r["quality"]]
+    assert labels == ["magnitude 50%", "wanda 50%", "sparsegpt 50%", "magnitude 2:4", "wanda 2:4",
+                      "sparsegpt 2:4"]
+    assert all(abs(row["achieved"] - 0.5) < 1e-6 for row in r["quality"])
+    assert all(row["ppl_delta_pct_ci90"][0] <= row["ppl_delta_pct"] <= row["ppl_delta_pct_ci90"][1]
+               for row in r["quality"])
+    s = r["structured"]["plain"]
+    assert s["params_after"] < s["params_before"] and s["mlp_after"][0] == 384
+    assert s["recovery"]["steps"] >= 1
+    assert r["structured"]["decode"][0]["flop_ratio"] > 1.3
+    names = [t["name"] for t in r["targets"]]
+    assert "sparsegpt below magnitude, 2:4" in names and any(n.startswith("50% MLP") for n in names)
+    assert "windows" not in r["quality"][0]  # per-window sums are not stored
+    assert pruning.summary_rows(r) and "targets:" in pruning.summary_text(r)
+    assert len(pruning.plot(r, {"device": "test"}).axes) == 2

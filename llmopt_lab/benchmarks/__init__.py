@@ -40,6 +40,8 @@ BENCHMARKS: list[Benchmark] = [
               "decode latency per token with and without a KV cache"),
     Benchmark("03", "quantization", "llmopt_lab.benchmarks.quantization",
               "int8/int4 kernels, quantized models' speed and memory, and quality per method"),
+    Benchmark("04", "pruning", "llmopt_lab.benchmarks.pruning",
+              "pruning's quality (magnitude, Wanda, SparseGPT; 50% and 2:4), structured pruning and recovery, 2:4 kernels"),
     Benchmark("06", "flash_attention", "llmopt_lab.benchmarks.flash_attention",
               "our flash-attention kernels against SDPA and naive attention"),
     Benchmark("07", "paged_attention", "llmopt_lab.benchmarks.paged_attention",

@@ -132,7 +132,8 @@ from . import reference  # noqa: E402
 #: (and JIT_HELPERS: jitted functions its kernels call, compiled within them).
 #: Import the wrappers from their modules (``from llmopt_lab.kernels.rmsnorm
 #: import rmsnorm``): re-exporting them here would shadow the module names.
-KERNEL_MODULES = ("rmsnorm", "flash_attention", "flash_decode", "quant_matmul", "paged_attention")
+KERNEL_MODULES = ("rmsnorm", "flash_attention", "flash_decode", "quant_matmul", "paged_attention",
+                  "sparse24")
 
 
 def compile_specs() -> list[dict]:

@@ -282,3 +282,58 @@ def w8a8_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tens
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------ 2:4 sparse weights
+# The format of kernels/sparse24.py (compress_24 builds it). W (N out, K in),
+# K a multiple of 8, has at most 2 nonzeros in every group of 4 consecutive
+# inputs (columns 4g .. 4g + 3):
+#   values (N, K // 2), W's dtype: the 2 kept entries of group g are
+#         values[:, 2g] and values[:, 2g + 1], in increasing column order;
+#   meta (N, K // 8) uint8: the in-group index (0..3) of every kept value,
+#         4 per byte, first value in the low bits: bits 2i .. 2i + 1 of byte j
+#         hold the index of values[:, 4j + i] (so one byte covers groups 2j and
+#         2j + 1, i.e. columns 8j .. 8j + 7):
+#             W[n, 4 * ((4j + i) // 2) + ((meta[n, j] >> 2i) & 3)] = values[n, 4j + i]
+
+def unpack_meta_24_ref(meta: torch.Tensor) -> torch.Tensor:
+    """The 2-bit in-group indices of a 2:4 metadata tensor.
+
+    meta: (N, K // 8) uint8 (layout above). Returns (N, K // 2) int64 in [0, 3]:
+    entry [n, j] is the index of values[n, j] inside its group of 4.
+    """
+    m = meta.to(torch.int64)
+    idx = torch.stack([(m >> (2 * i)) & 3 for i in range(4)], dim=-1)  # (N, K // 8, 4)
+    return idx.flatten(-2)
+
+
+def decompress_24_ref(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`llmopt_lab.kernels.sparse24.compress_24`: the dense 2:4 weight.
+
+    values: (N, K // 2) float; meta: (N, K // 8) uint8 (layout above). Returns
+    W (N, K) in values' dtype, zero outside the kept positions. Kept values
+    land on their column by addition (``W[n, col] += value``), which is the
+    kernels' semantics too; compress_24 never gives two values of a group the
+    same index. Raises ValueError on inconsistent shapes or a meta that is not uint8.
+    """
+    if values.dim() != 2 or meta.dim() != 2 or meta.dtype != torch.uint8:
+        raise ValueError(f"2:4 weights need values (N, K // 2) and uint8 meta (N, K // 8), got "
+                         f"{tuple(values.shape)} and {meta.dtype} {tuple(meta.shape)}")
+    N, half = values.shape
+    if half % 4 or meta.shape != (N, half // 4):
+        raise ValueError(f"2:4 meta must have shape (N, K // 8) = ({N}, {half // 4}) for values "
+                         f"of shape {tuple(values.shape)} (K // 2 a multiple of 4), got "
+                         f"{tuple(meta.shape)}")
+    idx = unpack_meta_24_ref(meta).to(values.device)  # (N, K // 2)
+    group = torch.arange(half, device=values.device) // 2  # group of each kept value
+    cols = 4 * group[None, :] + idx
+    dense = torch.zeros((N, 2 * half), dtype=values.dtype, device=values.device)
+    return dense.scatter_add_(1, cols, values)
+
+
+def sparse24_matmul_ref(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with W in the 2:4 compressed format: x (..., K) ->
+    (..., N) in x's dtype. Decompresses (:func:`decompress_24_ref`) and
+    multiplies in float32."""
+    return _linear_ref(x, decompress_24_ref(values, meta).float(), bias)
