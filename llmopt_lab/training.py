@@ -293,8 +293,8 @@ def train(model: nn.Module, batches: Callable[[int], Any], settings: TrainSettin
     run_seconds = 0.0
     for step in range(start, s.steps):
         t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = s.lr_at(step)
+        for group in opt.param_groups:  # a group may scale the schedule ("lr_scale", default 1)
+            group["lr"] = s.lr_at(step) * group.get("lr_scale", 1.0)
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(s.grad_accum):

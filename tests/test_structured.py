@@ -190,5 +190,16 @@ def test_recover_with_a_teacher_lowers_the_kl(tiny, calibration):
         return float((t.exp() * (t - s)).sum(-1).mean())
 
     before = kl()
-    recover(model, tiny[1], seconds=30, steps=6, batch_size=4, seq_len=64, lr=3e-4, teacher=tiny[0])
+    recover(model, tiny[1], seconds=60, steps=25, batch_size=4, seq_len=64, lr=5e-4, teacher=tiny[0])
     assert kl() < before
+
+
+def test_slimming_gates_reach_exact_zeros_and_are_removed(tiny):
+    model = copy.deepcopy(tiny[0])
+    gates = gate_channels(model)
+    recover(model, tiny[1], seconds=30, steps=3, batch_size=2, seq_len=32, teacher=tiny[0], l1=20.0,
+            gates=gates, gate_lr_scale=100)
+    zeros = sum(int((g == 0).sum()) for g in gates)
+    assert zeros > 0  # the proximal step set some gates to exactly zero
+    rep = remove_gated(model, threshold=1e-6)
+    assert sum(rep.mlp_after) < sum(rep.mlp_before)

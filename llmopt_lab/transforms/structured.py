@@ -270,8 +270,10 @@ def gate_channels(model: nn.Module) -> list[nn.Parameter]:
 
 
 def l1_penalty(gates: list[torch.Tensor]) -> torch.Tensor:
-    """The mean absolute gate value (add ``lam x`` this to the loss)."""
-    return torch.cat([g.reshape(-1) for g in gates]).abs().mean()
+    """The sum of the absolute gate values (add ``lam x`` this to the loss):
+    each gate feels a constant pull ``lam`` toward zero, which only a gate
+    the loss needs can resist."""
+    return torch.cat([g.reshape(-1) for g in gates]).abs().sum()
 
 
 @torch.no_grad()
@@ -309,11 +311,28 @@ def remove_gated(model: nn.Module, threshold: float = 1e-2, multiple: int = 8) -
     return rep
 
 
+class _ProxAdamW(torch.optim.AdamW):
+    """AdamW, then for every group with an ``l1`` key the L1 proximal step
+    (soft-thresholding): p <- sign(p) max(|p| - lr x l1, 0). Adam alone moves
+    every gate at about the same rate whatever the size of its gradient, so
+    an L1 term in the loss would shrink all gates alike; the proximal step
+    sets the gates the loss does not defend to exactly zero."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            if group.get("l1"):
+                for p in group["params"]:
+                    p.copy_(p.sign() * (p.abs() - group["lr"] * group["l1"]).clamp_min(0))
+        return loss
+
+
 # -------------------------------------------------------------------- recovery
 def recover(model: nn.Module, tokenizer, seconds: float = 60.0, steps: int = 200,
             batch_size: int = 8, seq_len: int = 128, lr: float = 7e-4, seed: int = 0,
             l1: float = 0.0, gates: list[torch.Tensor] | None = None, teacher: nn.Module | None = None,
-            progress: bool = False) -> dict:
+            gate_lr_scale: float = 30.0, progress: bool = False) -> dict:
     """A short fine-tune of a pruned model on the corpus's training split,
     with the shared training loop (:func:`llmopt_lab.training.train`).
 
@@ -326,9 +345,12 @@ def recover(model: nn.Module, tokenizer, seconds: float = 60.0, steps: int = 200
     The budget is ``steps`` optimizer steps of ``batch_size x seq_len``
     tokens, cut to what fits in ``seconds`` on this machine (one step is
     timed first, so the learning-rate schedule still runs to its end). With
-    ``l1 > 0`` and ``gates`` the loss adds ``l1 x`` :func:`l1_penalty`
-    (network slimming). Returns dict(steps, seconds, tokens, train_loss
-    [first, last]). Raises PruningError for a non-positive budget.
+    ``gates`` (network slimming) the gates learn ``gate_lr_scale`` times
+    faster than the weights (they must travel from 1 to 0 in a short run)
+    and, with ``l1 > 0``, the L1 penalty ``l1 x`` :func:`l1_penalty` is
+    applied by its proximal step after each optimizer step (exact zeros). Returns
+    dict(steps, seconds, tokens, train_loss [first, last]). Raises
+    PruningError for a non-positive budget.
     """
     from ..training import TrainSettings, lm_loss, train
     from .quantize.calibration import training_calibration_set
@@ -339,15 +361,11 @@ def recover(model: nn.Module, tokenizer, seconds: float = 60.0, steps: int = 200
 
     def loss_fn(m, batch):
         if teacher is None:
-            loss = lm_loss(m, batch)
-        else:
-            with torch.no_grad():
-                t = torch.log_softmax(teacher(batch).float(), -1)
-            s = torch.log_softmax(m(batch).float(), -1)
-            loss = (t.exp() * (t - s)).sum(-1).mean()
-        if l1 > 0 and gates:
-            loss = loss + l1 * l1_penalty(gates)
-        return loss
+            return lm_loss(m, batch)
+        with torch.no_grad():
+            t = torch.log_softmax(teacher(batch).float(), -1)
+        s = torch.log_softmax(m(batch).float(), -1)
+        return (t.exp() * (t - s)).sum(-1).mean()
 
     data = training_calibration_set(tokenizer, num_sequences=steps * batch_size, seq_len=seq_len,
                                     batch_size=batch_size, seed=seed + 1)
@@ -360,8 +378,17 @@ def recover(model: nn.Module, tokenizer, seconds: float = 60.0, steps: int = 200
     fit = max(1, min(steps, int(0.9 * seconds / max(per_step, 1e-6))))
     settings = TrainSettings(steps=fit, batch_size=batch_size, seq_len=seq_len, lr=lr,
                              warmup_frac=0.05, weight_decay=0.0, eval_every=fit, seed=seed)
+    optimizer = None
+    if gates:
+        gate_ids = {id(g) for g in gates}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
+        optimizer = _ProxAdamW(
+            [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": settings.weight_decay},
+             {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+             {"params": list(gates), "weight_decay": 0.0, "lr_scale": gate_lr_scale, "l1": l1}],
+            lr=settings.lr, betas=tuple(settings.betas))
     t0 = time.perf_counter()
-    log = train(model, lambda i: data[i % len(data)], settings, loss_fn=loss_fn,
+    log = train(model, lambda i: data[i % len(data)], settings, loss_fn=loss_fn, optimizer=optimizer,
                 progress=progress, desc="recover", log_every=1)
     took = time.perf_counter() - t0
     model.eval()
