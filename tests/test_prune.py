@@ -181,3 +181,16 @@ def test_bench_04_quick():
     assert "windows" not in r["quality"][0]  # per-window sums are not stored
     assert pruning.summary_rows(r) and "targets:" in pruning.summary_text(r)
     assert len(pruning.plot(r, {"device": "test"}).axes) == 2
+
+
+def test_sparse_cost_counts_exactly(tiny):
+    from llmopt_lab.transforms.prune import sparse_cost
+
+    model = copy.deepcopy(tiny[0])
+    dense = sparse_cost(model)
+    assert dense["nonzeros"] == dense["weights"] and dense["two_four_bytes"] is None
+    prune(model, "magnitude", pattern="2:4")
+    c = sparse_cost(model)
+    assert c["weights"] == dense["weights"] and c["nonzeros"] == c["weights"] // 2
+    assert c["two_four_bytes"] == 0.5625 * c["dense_bytes"]
+    assert c["sparse_flops_per_token"] * 2 == c["dense_flops_per_token"]

@@ -76,10 +76,17 @@ def run_quality(model, tok, p, ev, cal, progress=False) -> list[dict]:
     return rows
 
 
-def _decode(model, batches, limits):
+def _decode_pair(dense, pruned, batches, limits, rounds: int = 3) -> dict:
+    """Median decode step time (s) of both models per batch size, measured in
+    alternating rounds so that a slow spell of the machine hits both."""
     from .anatomy import measure_decode
 
-    return {b: measure_decode(model, b, 128, limits, steps=16)["time_s"] for b in batches}
+    times = {(k, b): [] for k in ("dense", "pruned") for b in batches}
+    for _ in range(rounds):
+        for b in batches:
+            for k, m in (("dense", dense), ("pruned", pruned)):
+                times[(k, b)].append(measure_decode(m, b, 128, limits, steps=16)["time_s"])
+    return {key: sorted(v)[len(v) // 2] for key, v in times.items()}
 
 
 def run_structured(model, tok, p, ev, cal, progress=False) -> dict:
@@ -89,7 +96,6 @@ def run_structured(model, tok, p, ev, cal, progress=False) -> dict:
     scores = channel_scores(model, cal, keep_gram=True)
     out = {}
     limits = measure.device_limits(model.device)
-    dense_decode = _decode(model, p["decode_batches"], limits)
     for refit in (False, True):
         m = copy.deepcopy(model)
         rep = prune_structured(m, p["mlp_fraction"], 0.0, scores=scores, refit=refit)
@@ -105,9 +111,9 @@ def run_structured(model, tok, p, ev, cal, progress=False) -> dict:
             cost = [measure.step_cost(c, b, 1, 128, m.dtype) for c in (model.config, m.config)
                     for b in p["decode_batches"]]
             k = len(p["decode_batches"])
-            pruned_decode = _decode(m, p["decode_batches"], limits)
-            out["decode"] = [dict(batch=b, dense_s=dense_decode[b], pruned_s=pruned_decode[b],
-                                  speedup=dense_decode[b] / pruned_decode[b],
+            t = _decode_pair(model, m, p["decode_batches"], limits)
+            out["decode"] = [dict(batch=b, dense_s=t[("dense", b)], pruned_s=t[("pruned", b)],
+                                  speedup=t[("dense", b)] / t[("pruned", b)],
                                   flop_ratio=cost[i].flops / cost[k + i].flops,
                                   byte_ratio=cost[i].bytes / cost[k + i].bytes)
                              for i, b in enumerate(p["decode_batches"])]

@@ -305,3 +305,25 @@ def sparsity_of(model: nn.Module, include_lm_head: bool = False) -> dict[str, fl
     """Fraction of zero weights of each decoder linear layer (name -> fraction)."""
     return {n: float((m.weight == 0).float().mean()) for n, m in
             decoder_linears(model, include_lm_head=include_lm_head).items()}
+
+
+def sparse_cost(model: nn.Module, include_lm_head: bool = False, dtype_bytes: float = 2.0) -> dict:
+    """What the decoder's linear layers of a pruned model cost, counted
+    exactly from their weights (the embeddings, norms and attention are not
+    included).
+
+    Returns dict(weights, nonzeros, sparsity, dense_bytes (every weight
+    stored, ``dtype_bytes`` each), two_four_bytes (the 2:4 compressed format:
+    half the values plus a 2-bit index each; None unless every layer is 2:4),
+    dense_flops_per_token (2 x weights: what a dense kernel computes, zeros
+    included), sparse_flops_per_token (2 x nonzeros: what a kernel that skips
+    every zero would compute)).
+    """
+    layers = decoder_linears(model, include_lm_head=include_lm_head)
+    weights = sum(m.weight.numel() for m in layers.values())
+    nonzeros = sum(int((m.weight != 0).sum()) for m in layers.values())
+    two_four = all(is_n_m_sparse(m.weight, 2, 4) for m in layers.values())
+    return dict(weights=weights, nonzeros=nonzeros, sparsity=1 - nonzeros / max(weights, 1),
+                dense_bytes=weights * dtype_bytes,
+                two_four_bytes=weights / 2 * dtype_bytes + weights / 2 * 0.25 if two_four else None,
+                dense_flops_per_token=2 * weights, sparse_flops_per_token=2 * nonzeros)
