@@ -99,3 +99,26 @@ def test_reference_cannot_be_fooled_by_in_place_edits():
     x = torch.zeros(3)
     check(inplace, inplace, [Case("inplace", (x,))])
     assert x.eq(0).all()
+
+
+JIT_SOLUTION = '''@triton.jit
+def update(m_i, l_i, acc, s, v):
+    # shapes
+    ### BEGIN SOLUTION [stub: return m_i, l_i, acc]: the update with tl operations
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    return m_new, l_i, acc
+    ### END SOLUTION
+'''
+
+
+def test_triton_jit_blocks_get_a_stub_that_compiles():
+    src, n = strip_solutions(JIT_SOLUTION)
+    assert n == 1 and "raise" not in src and "tl.maximum" not in src
+    assert "    # Exercise: the update with tl operations" in src
+    assert src.rstrip().endswith("return m_i, l_i, acc")
+    compile(src, "<exercise>", "exec")  # still valid Python
+    with pytest.raises(ExerciseFormatError, match="needs a stub that compiles"):
+        strip_solutions(JIT_SOLUTION.replace(" [stub: return m_i, l_i, acc]", ""))
+    # a plain function keeps the raise (and ignores nothing)
+    plain, _ = strip_solutions(JIT_SOLUTION.replace("@triton.jit\n", ""))
+    assert 'raise NotImplementedError("Exercise: the update with tl operations")' in plain

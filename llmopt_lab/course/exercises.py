@@ -7,6 +7,13 @@ replaces each such block with one line that raises NotImplementedError
 saying what to implement (the text after ``### BEGIN SOLUTION:`` if given,
 else the function's name), and clears every output.
 
+Inside a ``@triton.jit`` function a ``raise`` runs under the interpreter but
+does not compile for a GPU, so there the marker must give a stub that does
+compile, ``### BEGIN SOLUTION [stub: return m_i, l_i, acc]: what to write``:
+the exercise gets a comment saying what to write and the stub line (which
+computes nothing useful, so the grader fails with wrong values on both the
+interpreter and a GPU).
+
 Grader cells carry the cell tag ``grader``: they call
 :func:`llmopt_lab.course.grading.check` on the learner's function. In a solution
 notebook they pass; in an exercise notebook each of them must fail.
@@ -23,7 +30,9 @@ import re
 import sys
 from pathlib import Path
 
-BEGIN = re.compile(r"^(?P<indent>[ \t]*)### BEGIN SOLUTION(?::\s*(?P<what>.*))?$")
+BEGIN = re.compile(r"^(?P<indent>[ \t]*)### BEGIN SOLUTION(?:\s*\[stub:\s*(?P<stub>[^\]]+)\])?"
+                   r"(?::\s*(?P<what>.*))?$")
+JIT = re.compile(r"^[ \t]*@(?:triton\.)?jit\b")
 END = re.compile(r"^[ \t]*### END SOLUTION\s*$")
 DEF = re.compile(r"^(?P<indent>[ \t]*)(?:async\s+)?def\s+(?P<name>\w+)\s*\(")
 GRADER_TAG = "grader"
@@ -63,10 +72,35 @@ def strip_solutions(source: str, where: str = "cell") -> tuple[str, int]:
         if j == len(lines):
             raise ExerciseFormatError(f"{where}: '### BEGIN SOLUTION' without an END (line {i + 1})")
         what = (m.group("what") or f"the body of {func}()").strip().replace('"', "'")
-        out.append(f'{indent}raise NotImplementedError("Exercise: {what}")')
+        if _is_jit(lines, i, indent):
+            stub = (m.group("stub") or "").strip()
+            if not stub:
+                raise ExerciseFormatError(
+                    f"{where}: a solution block in the @triton.jit function {func}() needs a stub "
+                    "that compiles ('### BEGIN SOLUTION [stub: return ...]: ...'): a raise does "
+                    f"not compile for a GPU (line {i + 1})")
+            out.append(f"{indent}# Exercise: {what}")
+            out.append(f"{indent}# (the line below is a placeholder that compiles; replace it)")
+            out.append(f"{indent}{stub}")
+        else:
+            out.append(f'{indent}raise NotImplementedError("Exercise: {what}")')
         blocks += 1
         i = j + 1
     return "\n".join(out), blocks
+
+
+def _is_jit(lines: list[str], i: int, indent: str) -> bool:
+    """Whether the function enclosing line i is decorated with @triton.jit (or @jit)."""
+    for k in range(i - 1, -1, -1):
+        m = DEF.match(lines[k])
+        if m and len(m.group("indent")) < len(indent):
+            j = k - 1
+            while j >= 0 and lines[j].strip().startswith("@"):
+                if JIT.match(lines[j]):
+                    return True
+                j -= 1
+            return False
+    return False
 
 
 def _enclosing_function(lines: list[str], i: int, indent: str) -> str | None:
