@@ -129,9 +129,38 @@ def check_token_ids(prompts: list[list[int]], vocab_size: int, what: str = "the 
                                   f"{what} (0..{vocab_size - 1}); was it made by another tokenizer?")
 
 
-def _prompt_lists(input_ids) -> list[list[int]]:
-    ids, lengths = pad_prompts(input_ids)
-    return [row[:n].tolist() for row, n in zip(ids, lengths.tolist())]
+def _prompt_lists(input_ids, attention_mask=None) -> list[list[int]]:
+    """The prompts as token lists. input_ids: as :func:`pad_prompts` takes, or a
+    tokenizer's output (a mapping with "input_ids" and maybe "attention_mask").
+    attention_mask: (B, T) 0/1 for a padded (B, T) tensor: each row's ones
+    must be one contiguous run (left or right padding); only those tokens are
+    the prompt."""
+    if hasattr(input_ids, "keys") and "input_ids" in input_ids.keys():  # BatchEncoding, dict
+        if attention_mask is None:
+            attention_mask = input_ids.get("attention_mask")
+        input_ids = input_ids["input_ids"]
+    if attention_mask is None:
+        ids, lengths = pad_prompts(input_ids)
+        return [row[:n].tolist() for row, n in zip(ids, lengths.tolist())]
+    ids = torch.as_tensor(input_ids) if not isinstance(input_ids, torch.Tensor) else input_ids
+    mask = torch.as_tensor(attention_mask) if not isinstance(attention_mask, torch.Tensor) else attention_mask
+    if ids.dim() == 1:
+        ids, mask = ids[None], mask.reshape(1, -1) if mask.dim() == 1 else mask
+    if ids.dim() != 2 or mask.shape != ids.shape:
+        raise GenerationError(f"attention_mask of shape {tuple(mask.shape)} does not match input_ids of "
+                              f"shape {tuple(ids.shape)}: give one 0/1 per token")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise GenerationError("attention_mask must hold only 0 and 1")
+    out = []
+    for b in range(ids.shape[0]):
+        keep = mask[b].bool().nonzero().flatten()
+        if keep.numel() == 0:
+            raise GenerationError(f"row {b} of the attention mask is all zeros: an empty prompt")
+        if int(keep[-1] - keep[0]) + 1 != keep.numel():
+            raise GenerationError(f"row {b} of the attention mask has a hole: each row's tokens must be "
+                                  "one contiguous run (left or right padding)")
+        out.append(ids[b, int(keep[0]):int(keep[-1]) + 1].tolist())
+    return out
 
 
 @torch.inference_mode()
@@ -141,10 +170,14 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
              ignore_eos: bool = False, pad_id: int | None = None, cache=None,
              return_logits: bool = False,
              params: SamplingParams | Sequence[SamplingParams] | None = None,
-             cuda_graph: bool = False) -> Generation:
+             cuda_graph: bool = False, attention_mask=None) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
-    input_ids: (T,), (B, T) or a list of prompts of different lengths.
+    input_ids: (T,), (B, T) or a list of prompts of different lengths, or a
+    tokenizer's output (``tok(texts, padding=True, return_tensors="pt")``).
+    attention_mask: (B, T) 0/1 for a padded (B, T) tensor (taken from the
+    tokenizer's output when not given): padding tokens, left or right, are
+    not part of the prompt, so each row generates what it would alone.
     temperature 0 is greedy; otherwise sampling with optional top_k / top_p,
     reproducible for a given ``seed`` (row i of a batch uses seed + i, so it
     samples what it would alone with that seed). Generation of a sequence
@@ -160,11 +193,12 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
     (:class:`llmopt_lab.graphs.GraphedDecoder`; same tokens as eager; raises
     GraphError without a CUDA GPU or with a dynamic cache).
     Raises GenerationError when prompt + max_new_tokens exceeds the model's
-    context or the cache, for token ids outside the vocabulary, or for bad
-    sampling arguments.
+    context or the cache, for token ids outside the vocabulary, for bad
+    sampling arguments, or for an attention mask that does not match the ids,
+    holds other values than 0/1, or has a hole or an all-zero row.
     """
     config = model.config
-    prompts = _prompt_lists(input_ids)
+    prompts = _prompt_lists(input_ids, attention_mask)
     B = len(prompts)
     check_token_ids(prompts, config.vocab_size)
     if params is None:
