@@ -49,15 +49,27 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
 
 
 def resolve_device(device=None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU. Raises for unknown devices."""
+    """``None`` -> CUDA when available, else CPU; otherwise 'cpu', 'cuda' or
+    'cuda:N'. Raises ModelLoadError for other devices (the course runs on
+    CPUs and CUDA GPUs: 'mps', 'meta', 'xla', ... are refused, not half-run),
+    for 'cpu:N' (a CPU has one torch device), for CUDA without a GPU and for
+    a GPU index that does not exist."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ModelLoadError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"device {device!r} is not supported: the course runs on 'cpu' and "
+                             "'cuda' (NVIDIA GPUs); use one of those")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise ModelLoadError(f"device {device!r}: a CPU is the single device 'cpu' (no index)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' asked for but no CUDA GPU is available here; use 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"GPU(s), numbered from 0")
     return dev
 
 

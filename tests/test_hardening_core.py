@@ -79,3 +79,18 @@ def test_truncate_refuses_negative_lengths_and_wrong_shapes(model):
         cache.truncate(torch.tensor([3, -1]))
     with pytest.raises(CacheError, match="one length >= 0 per sequence"):
         cache.truncate(torch.tensor([3]))
+
+
+@pytest.mark.parametrize("device, match", [
+    ("mps", "not supported"), ("meta", "not supported"), ("xla", "not supported"),
+    ("cpu:1", "single device 'cpu'"), ("tpu", "unknown device"),
+])
+def test_devices_other_than_cpu_and_cuda_are_refused(device, match):
+    from llmopt_lab import load_model
+    from llmopt_lab.errors import ModelLoadError
+    from llmopt_lab.weights import resolve_device
+
+    with pytest.raises(ModelLoadError, match=match):
+        resolve_device(device)
+    with pytest.raises(ModelLoadError, match=match):
+        load_model("llmopt-tiny", device=device)
