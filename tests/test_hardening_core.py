@@ -94,3 +94,45 @@ def test_devices_other_than_cpu_and_cuda_are_refused(device, match):
         resolve_device(device)
     with pytest.raises(ModelLoadError, match=match):
         load_model("llmopt-tiny", device=device)
+
+
+@pytest.mark.parametrize("kw", [dict(k_len=torch.tensor([-1])), dict(k_len=-2)])
+def test_negative_lengths_to_the_flash_kernels_are_refused(kw):
+    from llmopt_lab.kernels.flash_attention import flash_attention
+    from llmopt_lab.kernels.flash_decode import flash_decode
+
+    q, k, v = (torch.randn(1, 2, 8, 32) for _ in range(3))
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=f"{name} must be >= 0"):
+        flash_attention(q, k, v, **kw)
+    if name == "k_len":
+        with pytest.raises(ValueError, match="k_len must be >= 0"):
+            flash_decode(q[:, :, :1], k, v, **kw)
+
+
+def test_a_transposed_int8_weight_is_named_as_such():
+    from llmopt_lab.kernels.quant_matmul import int8_matmul
+
+    W = torch.randint(-127, 127, (32, 64), dtype=torch.int8)  # (N, K): not K-major
+    with pytest.raises(ValueError, match="looks transposed"):
+        int8_matmul(torch.randn(1, 64), W, torch.ones(32))
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 8)])
+def test_calibration_batches_without_tokens_are_refused(shape):
+    from llmopt_lab import load_model
+    from llmopt_lab.errors import QuantizationError
+    from llmopt_lab.transforms.quantize import quantize
+
+    model, _ = load_model("llmopt-tiny", device="cpu")
+    with pytest.raises(QuantizationError, match="holds no tokens"):
+        quantize(model, "gptq", calibration=[torch.zeros(*shape, dtype=torch.long)], copy=True)
+
+
+def test_a_notebook_that_is_not_json_is_named(tmp_path):
+    from llmopt_lab.course.exercises import ExerciseFormatError, build
+
+    (tmp_path / "sol").mkdir()
+    (tmp_path / "sol" / "01_x.ipynb").write_text("not json {")
+    with pytest.raises(ExerciseFormatError, match="01_x.ipynb is not a readable notebook"):
+        build(tmp_path / "sol", tmp_path / "ex")

@@ -139,7 +139,12 @@ def build(solutions: Path, exercises: Path, check_only: bool = False) -> list[st
     exercises.mkdir(parents=True, exist_ok=True)
     for src in sorted(solutions.glob("[0-9][0-9]_*.ipynb")):
         try:
-            ex = make_exercise(nbformat.read(src, as_version=4))
+            solution = nbformat.read(src, as_version=4)
+        except Exception as e:  # noqa: BLE001 - not JSON, not a notebook: name the file
+            raise ExerciseFormatError(f"{src} is not a readable notebook ({type(e).__name__}: "
+                                      f"{str(e)[:120]})") from None
+        try:
+            ex = make_exercise(solution)
         except ExerciseFormatError as e:
             raise ExerciseFormatError(f"{src}: {e}") from None
         text = nbformat.writes(ex) + "\n"

@@ -237,8 +237,13 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return can_launch(q, k, v)
 
 
-def per_sequence(name: str, value, batch: int, device: torch.device) -> torch.Tensor:
-    """An int or a (B,) integer tensor -> (B,) int32 on ``device`` (no host sync)."""
+def per_sequence(name: str, value, batch: int, device: torch.device,
+                 nonnegative: bool = False) -> torch.Tensor:
+    """An int or a (B,) integer tensor -> (B,) int32 on ``device``. With
+    ``nonnegative`` (lengths), negative values raise ValueError for ints and
+    CPU tensors; a CUDA tensor's values are not read (that would cost a host
+    sync every decode step, and break CUDA-graph capture). Positions such as
+    q_start may be negative (queries before the first key see nothing)."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 1 or value.shape[0] != batch:
             raise ValueError(f"{name} must have shape ({batch},), got {tuple(value.shape)}")
@@ -246,9 +251,13 @@ def per_sequence(name: str, value, batch: int, device: torch.device) -> torch.Te
             raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but q on {device}")
+        if value.device.type == "cpu" and value.numel() and int(value.min()) < 0:
+            raise ValueError(f"{name} must be >= 0, got {value.tolist()}")
         return value.to(torch.int32)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int or a ({batch},) tensor, got {value!r}")
+    if nonnegative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
     return torch.full((batch,), value, dtype=torch.int32, device=device)
 
 
@@ -334,7 +343,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"flash_attention: window must be a positive int, got {window!r}")
     scale = D ** -0.5 if scale is None else float(scale)
-    k_len_t = per_sequence("k_len", S if k_len is None else k_len, B, q.device)
+    k_len_t = per_sequence("k_len", S if k_len is None else k_len, B, q.device, nonnegative=True)
     q_start_t = (k_len_t.clamp(max=S) - T if q_start is None
                  else per_sequence("q_start", q_start, B, q.device))
 

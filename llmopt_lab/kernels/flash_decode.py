@@ -234,7 +234,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         raise ValueError(f"flash_decode: num_splits must be an int in 1..{MAX_SPLITS}, "
                          f"got {num_splits!r}")
     scale = D ** -0.5 if scale is None else float(scale)
-    k_len_t = per_sequence("k_len", k_len, B, q.device)
+    k_len_t = per_sequence("k_len", k_len, B, q.device, nonnegative=True)
     q_start_t = (k_len_t.clamp(max=S) - T if q_start is None
                  else per_sequence("q_start", q_start, B, q.device))
 

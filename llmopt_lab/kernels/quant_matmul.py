@@ -620,6 +620,10 @@ def check_int8_weight(qweight_t: torch.Tensor, scales: torch.Tensor) -> tuple[in
         raise ValueError(f"int8 weight must be a 2-D int8 tensor (K, N), got {qweight_t.dtype} "
                          f"{tuple(qweight_t.shape)}")
     K, N = qweight_t.shape
+    if scales.dim() == 1 and scales.shape[0] == K != N:
+        raise ValueError(f"int8 weight of shape {tuple(qweight_t.shape)} with {K} scales: the weight "
+                         f"looks transposed; int8_matmul takes it K-major, qweight_t of shape "
+                         f"(K, N) = ({N}, {K}) here (pass qweight.t())")
     if scales.shape != (N,) or scales.dtype != torch.float32:
         raise ValueError(f"int8 scales must be float32 of shape ({N},), got {scales.dtype} "
                          f"{tuple(scales.shape)}")

@@ -189,6 +189,8 @@ def check_calibration(calibration, model: nn.Module, method: str) -> None:
     for b in batches:
         if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.dtype not in (torch.int64, torch.int32):
             raise QuantizationError(f"calibration batches must be (B, T) int64 tensors; {hint}")
+        if b.shape[0] == 0 or b.shape[1] == 0:
+            raise QuantizationError(f"a calibration batch of shape {tuple(b.shape)} holds no tokens; {hint}")
         if b.numel() and (int(b.min()) < 0 or int(b.max()) >= vocab):
             raise QuantizationError(f"calibration tokens outside the vocabulary [0, {vocab})")
 
