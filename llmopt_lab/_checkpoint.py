@@ -32,6 +32,9 @@ INDEX_FILE = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
+#: dtypes a checkpoint's tensors may have to be loaded (cast to the model's dtype).
+LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
 #: dtypes a checkpoint can be saved in faithfully.
 SAVE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -55,8 +58,20 @@ def read_json_object(path: Path, error=ConfigError) -> dict:
 
 
 def read_config(folder: Path) -> ModelConfig:
-    """The folder's ``config.json`` as a :class:`ModelConfig`. Raises ConfigError."""
-    return ModelConfig.from_hf_dict(read_json_object(folder / CONFIG_FILE), name=folder.name)
+    """The folder's ``config.json`` as a :class:`ModelConfig`. Raises ConfigError
+    for a file that is not a JSON object, an unsupported model, or a quantized
+    checkpoint (a ``quantization_config``: GPTQ, AWQ, bitsandbytes, fp8, ...),
+    whose packed weights llmopt_lab does not read."""
+    path = folder / CONFIG_FILE
+    d = read_json_object(path)
+    quant = d.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ConfigError(
+            f"{path} describes a quantized checkpoint (quantization_config, quant_method="
+            f"{method!r}); llmopt_lab loads float checkpoints only: load the unquantized model "
+            "and quantize it with llmopt_lab.transforms.quantize")
+    return ModelConfig.from_hf_dict(d, name=folder.name)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -115,9 +130,11 @@ def read_state(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, Pa
 
 def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
                 folder: Path, origin: dict[str, Path] | None = None, finite: bool = True) -> None:
-    """Names, shapes and (with ``finite``) finiteness of ``state`` against
-    ``expected`` (a meta model's state dict). Raises ModelLoadError naming the
-    first bad tensor."""
+    """Names, dtypes, shapes and (with ``finite``) finiteness of ``state``
+    against ``expected`` (a meta model's state dict). Raises ModelLoadError
+    naming the first bad tensor (and its file): a missing or unexpected name, a
+    tensor that is not float (int8, uint8, bool, float8, ...: quantized weights
+    are refused, not cast), a wrong shape, NaN or inf values."""
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:
         raise ModelLoadError(
@@ -127,6 +144,12 @@ def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
     for k in sorted(state):
         v, want = state[k], expected[k]
         where = f" (in {origin[k].name})" if k in origin else ""
+        if v.dtype not in LOADABLE_DTYPES:
+            raise ModelLoadError(
+                f"{folder}: the tensor {k!r}{where} has dtype {v.dtype}; llmopt_lab loads "
+                "float32/float16/bfloat16/float64 weights only (a quantized or damaged checkpoint "
+                "cast to float would be silently wrong): load the float checkpoint and quantize "
+                "it with llmopt_lab.transforms.quantize")
         if tuple(v.shape) != tuple(want.shape):
             raise ModelLoadError(
                 f"{folder}: the tensor {k!r}{where} has shape {tuple(v.shape)} but config.json "

@@ -103,9 +103,11 @@ def load_model(name_or_path: str | os.PathLike, device=None, dtype=None,
     Raises :class:`ModelLoadError` for an empty or unknown name, a missing or
     unreadable checkpoint (corrupt or truncated safetensors, a tensor in two
     shards, a shard the index names but that is missing, weights whose names
-    or shapes do not match config.json, NaN/inf weights, a tokenizer that
-    would run the checkpoint's code); :class:`ConfigError` for a config.json
-    that is not a JSON object or describes an unsupported model;
+    or shapes do not match config.json, NaN/inf weights, integer, bool or
+    float8 tensors (quantized weights are refused, never cast to float), a
+    tokenizer that would run the checkpoint's code); :class:`ConfigError` for
+    a config.json that is not a JSON object or describes an unsupported or
+    quantized (``quantization_config``) model;
     :class:`UnsupportedDtypeError` for a dtype the device cannot use.
     """
     name = str(name_or_path)

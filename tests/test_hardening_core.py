@@ -136,3 +136,18 @@ def test_a_notebook_that_is_not_json_is_named(tmp_path):
     (tmp_path / "sol" / "01_x.ipynb").write_text("not json {")
     with pytest.raises(ExerciseFormatError, match="01_x.ipynb is not a readable notebook"):
         build(tmp_path / "sol", tmp_path / "ex")
+
+
+@pytest.mark.parametrize("kind", ["static", "int8"])
+def test_writing_past_a_static_caches_capacity_is_refused(kind):
+    from llmopt_lab import load_model
+    from llmopt_lab.cache import make_cache
+    from llmopt_lab.errors import CacheError
+
+    model, _ = load_model("llmopt-tiny", device="cpu")
+    cache = make_cache(kind, model.config, 1, 8, device="cpu")
+    with pytest.raises(CacheError, match="limit of 8 positions"):
+        model(torch.randint(0, 100, (1, 12)), cache=cache)
+    model(torch.randint(0, 100, (1, 8)), cache=cache)  # exactly full is fine
+    with pytest.raises(CacheError, match="up to position 8"):
+        model(torch.randint(0, 100, (1, 1)), positions=torch.tensor([[8]]), cache=cache)

@@ -60,8 +60,14 @@ class BatchCache:
         """The step of a (B, T) rectangle: row b's tokens at ``positions[b]``
         (consecutive), ``token_valid`` (B, T) False for right padding (written
         past the row's length, never attended to). Lengths grow to cover the
-        valid tokens."""
+        valid tokens. Raises CacheError when a position is past ``max_len``
+        (not checked while a CUDA graph is being captured: no host sync there)."""
         B, T = input_ids.shape
+        capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and positions.numel() and int(positions.max()) >= self.max_len:
+            raise CacheError(f"this call writes up to position {int(positions.max())}, past the cache's "
+                             f"limit of {self.max_len} positions per sequence: make the cache larger "
+                             f"(max_len) or the input shorter")
         pos = positions if token_valid is None else positions.masked_fill(~token_valid, -1)
         self.lengths.copy_(torch.maximum(self.lengths, pos.max(dim=1).values + 1))
         slots = self._rows[:, None] * self.block_size + positions  # (B, T)
