@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..errors import PruningError
+from ..errors import PruningError, QuantizationError
 from .quantize.calibration import as_batches, check_calibration, collect_input_stats
 from .surgery import num_blocks
 
@@ -93,7 +93,7 @@ def channel_scores(model: nn.Module, calibration, keep_gram: bool = False) -> di
     PruningError for a missing or malformed calibration set."""
     try:
         check_calibration(calibration, model, "structured pruning")
-    except Exception as e:  # noqa: BLE001 - the quantization checks, with pruning's error class
+    except QuantizationError as e:  # the quantization checks, with pruning's error class
         raise PruningError(str(e)) from None
     mods = {}
     for i in range(num_blocks(model)):
