@@ -185,6 +185,12 @@ def check_saveable(model: nn.Module, dtype: torch.dtype | None = None) -> None:
     if not isinstance(model, Transformer):
         raise ModelLoadError(f"save_model needs an llmopt_lab Transformer, got "
                              f"{type(model).__name__}")
+    from .transforms.fuse import is_fused
+
+    if is_fused(model):
+        raise ModelLoadError("cannot save a fused model (its q/k/v and gate/up projections are "
+                             "concatenated): call llmopt_lab.transforms.fuse.unfuse(model) first, "
+                             "then save")
     with torch.device("meta"):
         ref = Transformer(model.config)
     mods = dict(model.named_modules())

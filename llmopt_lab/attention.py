@@ -198,9 +198,11 @@ class StepView:
             self._index = None
             q_pos = step.positions.view(S, T)
         else:  # (sequence, query number) of each packed token, from the host counts
-            seq = torch.repeat_interleave(torch.arange(S), torch.tensor(step.num_queries))
-            off = torch.cat([torch.arange(n) for n in step.num_queries])
-            self._index = (seq.to(dev), off.to(dev))
+            # built from Python ints, not with repeat_interleave on tensors: an
+            # output size that depends on tensor values breaks torch.compile's graph
+            seq = [s for s, n in enumerate(step.num_queries) for _ in range(n)]
+            off = [i for n in step.num_queries for i in range(n)]
+            self._index = (torch.tensor(seq, device=dev), torch.tensor(off, device=dev))
             q_pos = step.positions.new_zeros(S, T).index_put_(self._index, step.positions)
         k_pos = torch.arange(keys_len, device=dev).expand(S, keys_len)
         k_valid = k_pos < step.context_lens[:, None]  # (S, L)
@@ -232,7 +234,7 @@ class StepView:
         """(N, H, D) packed -> (S, H, max_queries, D)."""
         S, T = self.step.num_seqs, self.step.max_queries
         if self._index is None:
-            return x.view(S, T, *x.shape[1:]).transpose(1, 2)
+            return x.view(S, -1, *x.shape[1:]).transpose(1, 2)  # T inferred: no symbolic T in the shape (torch.compile)
         out = x.new_zeros(S, T, *x.shape[1:])
         out[self._index] = x
         return out.transpose(1, 2)

@@ -24,6 +24,8 @@ keeping each sequence's length).
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -170,7 +172,8 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
              ignore_eos: bool = False, pad_id: int | None = None, cache=None,
              return_logits: bool = False,
              params: SamplingParams | Sequence[SamplingParams] | None = None,
-             cuda_graph: bool = False, attention_mask=None) -> Generation:
+             cuda_graph: bool = False, compile_mode: str | None = None,
+             attention_mask=None) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
     input_ids: (T,), (B, T) or a list of prompts of different lengths, or a
@@ -192,6 +195,10 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
     ``cuda_graph``: replay the decode steps from a CUDA graph
     (:class:`llmopt_lab.graphs.GraphedDecoder`; same tokens as eager; raises
     GraphError without a CUDA GPU or with a dynamic cache).
+    ``compile_mode``: run prefill and decode steps through ``torch.compile``
+    (:class:`llmopt_lab.compilation.CompiledStep`: "default",
+    "reduce-overhead", "max-autotune"; the first call compiles, for seconds
+    to a minute); not together with ``cuda_graph``, and it needs the cache.
     Raises GenerationError when prompt + max_new_tokens exceeds the model's
     context or the cache, for token ids outside the vocabulary, for bad
     sampling arguments, or for an attention mask that does not match the ids,
@@ -238,6 +245,15 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
     all_logits = []
 
     decoder = None
+    if compile_mode is not None:
+        from .compilation import CompileError, _check_mode
+
+        _check_mode(compile_mode)
+        if cuda_graph:
+            raise CompileError("choose cuda_graph=True or compile_mode, not both (mode "
+                               "'reduce-overhead' records CUDA graphs itself)")
+        if not use_cache:
+            raise CompileError("compile_mode compiles the cached step: use_cache must be True")
     if cuda_graph:
         from .graphs import GraphedDecoder, GraphError  # only when asked: CUDA graphs are optional
 
@@ -248,8 +264,14 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
         kv = _storage_for(cache, config, B, total, device, model.dtype)
         if cuda_graph:
             decoder = GraphedDecoder(model, kv, max_batch=B, buckets=[B])
+        if compile_mode is not None:
+            from .compilation import CompiledStep
+
+            forward = CompiledStep(model, kv, mode=compile_mode)
+        else:
+            forward = functools.partial(run_step, model, kv)
         tables = [[i] for i in range(B)]
-        logits = run_step(model, kv, host_step(prompts, [0] * B, tables, kv.block_size,
+        logits = forward(host_step(prompts, [0] * B, tables, kv.block_size,
                                                contiguous=True).to_step(device))
         buffers, step = StepBuffers(B, B, 1, device), None
     else:
@@ -284,7 +306,7 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
                                               kv.block_size, contiguous=True))
             else:
                 step.advance(tok)  # in place: the step's tensors keep their addresses
-            logits = run_step(model, kv, step)
+            logits = forward(step)
         else:
             buf[rows_idx, cur] = tok
             cur = cur + 1

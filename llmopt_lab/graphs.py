@@ -154,3 +154,80 @@ class GraphedDecoder:
         step.advance(next_tokens)  # the live rows; the dummy rows stay at position 0
         self.graphs[b].replay()
         return self.logits[b][:S]
+
+
+def _check_distribution(counts) -> dict[int, float]:
+    if isinstance(counts, dict):
+        items = list(counts.items())
+    else:
+        items = [(int(b), 1.0) for b in counts]
+    out: dict[int, float] = {}
+    for b, c in items:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise GraphError(f"batch sizes must be positive integers, got {b!r}")
+        if not c >= 0:
+            raise GraphError(f"the count of batch size {b} must be >= 0, got {c!r}")
+        out[b] = out.get(b, 0.0) + float(c)
+    if not out or sum(out.values()) <= 0:
+        raise GraphError("an empty batch-size distribution")
+    return out
+
+
+def padded_rows(buckets: list[int], counts) -> float:
+    """Dummy rows computed when every decode step runs the smallest bucket
+    that holds it, summed over a batch-size distribution.
+
+    buckets: captured batch sizes; counts: {batch size: how often} (or a list
+    of observed batch sizes). Returns sum over b of count(b) * (bucket(b) - b).
+    Raises GraphError when a batch size exceeds the largest bucket.
+    """
+    dist = _check_distribution(counts)
+    bs = sorted(set(buckets))
+    total = 0.0
+    for b, c in dist.items():
+        fit = next((x for x in bs if x >= b), None)
+        if fit is None:
+            raise GraphError(f"batch size {b} exceeds the largest bucket ({bs[-1] if bs else None})")
+        total += c * (fit - b)
+    return total
+
+
+def choose_buckets(counts, max_buckets: int) -> list[int]:
+    """At most ``max_buckets`` batch sizes to capture that minimise
+    :func:`padded_rows` over a batch-size distribution (the largest batch
+    size seen is always one of them, so every step fits).
+
+    Exact, by dynamic programming over the distinct batch sizes seen (an
+    optimal bucket always equals a batch size that occurs): O(k n^2) for n
+    distinct sizes. Ties go to the smaller buckets. Each captured graph costs
+    capture time and memory, which is why their number is bounded.
+    Raises GraphError for an empty distribution or max_buckets < 1.
+    """
+    if isinstance(max_buckets, bool) or not isinstance(max_buckets, int) or max_buckets < 1:
+        raise GraphError(f"max_buckets must be a positive integer, got {max_buckets!r}")
+    dist = _check_distribution(counts)
+    sizes = sorted(b for b, c in dist.items() if c > 0)
+    n = len(sizes)
+    k = min(max_buckets, n)
+
+    def cost(i: int, j: int) -> float:  # sizes[i..j] all padded to sizes[j]
+        return sum(dist[sizes[t]] * (sizes[j] - sizes[t]) for t in range(i, j + 1))
+
+    inf = float("inf")
+    # best[m][j]: least padding for sizes[0..j] with m buckets, the last at sizes[j]
+    best = [[inf] * n for _ in range(k + 1)]
+    prev = [[-1] * n for _ in range(k + 1)]
+    for j in range(n):
+        best[1][j] = cost(0, j)
+    for m in range(2, k + 1):
+        for j in range(n):
+            for i in range(j):  # previous bucket at sizes[i]
+                c = best[m - 1][i] + cost(i + 1, j)
+                if c < best[m][j] - 1e-12:
+                    best[m][j], prev[m][j] = c, i
+    m = min(range(1, k + 1), key=lambda mm: (best[mm][n - 1], mm))
+    out, j = [], n - 1
+    while j >= 0 and m >= 1:
+        out.append(sizes[j])
+        j, m = prev[m][j], m - 1
+    return sorted(out)

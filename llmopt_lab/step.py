@@ -216,6 +216,17 @@ def host_step(chunks: Sequence[Sequence[int]], starts: Sequence[int],
                     block_size=block_size, contiguous=contiguous)
 
 
+def step_logits(model, kv, step: Step, every_token: bool = False) -> torch.Tensor:
+    """The step function itself: what :func:`run_step` runs eagerly and what
+    :mod:`llmopt_lab.compilation` hands to ``torch.compile`` (one function,
+    so compiled and eager compute the same thing). Call it under
+    ``torch.inference_mode()``; arguments and result as :func:`run_step`."""
+    hidden = model.step_hidden(step, kv)  # (N, H)
+    if not every_token:
+        hidden = hidden[step.last_token_index()]  # (S, H)
+    return model.lm_head(hidden).float()
+
+
 @torch.inference_mode()
 def run_step(model, kv, step: Step, every_token: bool = False) -> torch.Tensor:
     """One forward of ``step`` through ``model`` with KV storage ``kv``.
@@ -224,7 +235,4 @@ def run_step(model, kv, step: Step, every_token: bool = False) -> torch.Tensor:
     every token, (N, V), with ``every_token`` (verifying draft tokens).
     Raises CacheError when ``kv`` does not fit the model.
     """
-    hidden = model.step_hidden(step, kv)  # (N, H)
-    if not every_token:
-        hidden = hidden[step.last_token_index()]  # (S, H)
-    return model.lm_head(hidden).float()
+    return step_logits(model, kv, step, every_token)

@@ -48,6 +48,8 @@ BENCHMARKS: list[Benchmark] = [
               "KV waste of paging, prefix caching, and the paged kernel against flash decoding"),
     Benchmark("08", "speculative", "llmopt_lab.benchmarks.speculative",
               "speculative decoding (draft model, prompt lookup) against plain decoding"),
+    Benchmark("09", "fusion", "llmopt_lab.benchmarks.fusion",
+              "fused kernels, torch.compile and CUDA graphs on a decode step (launches, tokens, speed)"),
     Benchmark("10", "batching", "llmopt_lab.benchmarks.batching",
               "static, dynamic and continuous batching on one workload (engine throughput, latency)"),
 ]

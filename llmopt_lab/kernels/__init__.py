@@ -126,6 +126,18 @@ def can_launch(*tensors: torch.Tensor) -> bool:
     return not (INTERPRETED and interpreter_problem())
 
 
+def launch_scope(name: str):
+    """Context for one kernel launch: under the interpreter a profiler range
+    ``triton::<name>`` (so that launch accounting on a CPU counts the launch
+    once, not the interpreter's tensor work inside it); compiled, nothing
+    (the profiler sees the GPU kernel itself)."""
+    import contextlib
+
+    if INTERPRETED:
+        return torch.profiler.record_function(f"triton::{name}")
+    return contextlib.nullcontext()
+
+
 from . import reference  # noqa: E402
 
 #: kernel modules; each defines its kernels, a checked wrapper and COMPILE_SPECS
@@ -133,7 +145,7 @@ from . import reference  # noqa: E402
 #: Import the wrappers from their modules (``from llmopt_lab.kernels.rmsnorm
 #: import rmsnorm``): re-exporting them here would shadow the module names.
 KERNEL_MODULES = ("rmsnorm", "flash_attention", "flash_decode", "quant_matmul", "paged_attention",
-                  "sparse24")
+                  "sparse24", "fused")
 
 
 def compile_specs() -> list[dict]:
@@ -151,5 +163,5 @@ def compile_specs() -> list[dict]:
     return specs
 
 
-__all__ = ["HAS_TRITON", "INTERPRETED", "mode", "can_launch", "interpreter_problem", "reference",
+__all__ = ["HAS_TRITON", "INTERPRETED", "mode", "can_launch", "launch_scope", "interpreter_problem", "reference",
            "compile_specs", "KERNEL_MODULES"]

@@ -337,3 +337,52 @@ def sparse24_matmul_ref(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
     (..., N) in x's dtype. Decompresses (:func:`decompress_24_ref`) and
     multiplies in float32."""
     return _linear_ref(x, decompress_24_ref(values, meta).float(), bias)
+
+
+# ------------------------------------------------------------------ fused elementwise ops
+# References of kernels/fused.py (lesson 09, operator fusion).
+
+def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add followed by RMSNorm, as a pre-norm decoder layer does it.
+
+    x, residual: (..., N), same dtype; weight: (N,). ``summed = x + residual``
+    is computed as eager torch does (rounded to x's dtype), then
+    ``normed = rmsnorm_ref(summed, weight, eps)`` (float32 inside).
+    Returns (normed, summed), both (..., N) in x's dtype.
+    """
+    summed = x + residual
+    return rmsnorm_ref(summed, weight, eps), summed
+
+
+def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding of queries and keys, Llama/HF halves convention.
+
+    q: (N, Hq, D); k: (N, Hk, D), D even; cos, sin: (N, D) or (N, 1, D).
+    With x1, x2 the two halves of the last dimension, each head becomes
+    ``x * cos + cat(-x2, x1) * sin`` (as :func:`llmopt_lab.model.apply_rope`),
+    computed in float32 and rounded once to the input dtype (apply_rope in
+    float16 rounds each product too: they can differ by an ulp or so).
+    Returns new tensors (q_rot, k_rot) with the shapes and dtypes of q and k.
+    """
+    if cos.dim() == 2:
+        cos, sin = cos[:, None, :], sin[:, None, :]  # (N, 1, D): broadcast over heads
+    cos, sin = cos.float(), sin.float()
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU activation of Llama's MLP: ``silu(gate) * up``.
+
+    gate, up: (..., I), same dtype. Computed exactly as the eager model does
+    (``F.silu(gate) * up``: silu in float32 inside torch, rounded to the input
+    dtype, then the product, rounded again). Returns (..., I) in gate's dtype.
+    """
+    return torch.nn.functional.silu(gate) * up

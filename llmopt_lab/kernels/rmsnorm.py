@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import HAS_TRITON, can_launch
+from . import HAS_TRITON, can_launch, launch_scope
 from .reference import rmsnorm_ref
 
 if HAS_TRITON:
@@ -65,6 +65,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.T
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty_like(x2)
-    _rmsnorm_kernel[(x2.shape[0],)](x2, weight, y, n, x2.stride(0), y.stride(0), eps,
-                                     BLOCK=triton.next_power_of_2(n))
+    with launch_scope("rmsnorm"):
+        _rmsnorm_kernel[(x2.shape[0],)](x2, weight, y, n, x2.stride(0), y.stride(0), eps,
+                                         BLOCK=triton.next_power_of_2(n))
     return y.reshape(x.shape)

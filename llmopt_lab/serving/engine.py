@@ -85,6 +85,9 @@ class Engine:
         256 MiB, at least one full-context sequence); block_size: slots per
         block (16); kv_dtype: "auto" (the model's) or "int8";
       prefix_caching: reuse the K/V of shared prompt prefixes (False);
+      cuda_graph: replay pure decode steps from CUDA graphs, one per batch-size
+        bucket 1, 2, 4, ... max_num_seqs (False; raises GraphError without a
+        CUDA GPU);
       clock: a function returning seconds (time.perf_counter).
 
     Raises ServingError for unknown options and values out of range.
@@ -95,7 +98,7 @@ class Engine:
                  chunked_prefill: bool | None = None, max_wait_s: float = 0.05,
                  num_blocks: int | None = None, kv_bytes: int | None = None,
                  block_size: int = 16, kv_dtype: str = "auto", prefix_caching: bool = False,
-                 clock=time.perf_counter):
+                 cuda_graph: bool = False, clock=time.perf_counter):
         config = model.config
         self.model, self.tokenizer, self.clock = model, tokenizer, clock
         self.max_model_len = config.max_position_embeddings
@@ -123,7 +126,8 @@ class Engine:
                                           name_when="computed")
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         pad = config.pad_token_id if config.pad_token_id is not None else 0
-        self.runner = ModelRunner(model, self.num_blocks, block_size, pool_cls, pad_token_id=pad)
+        self.runner = ModelRunner(model, self.num_blocks, block_size, pool_cls, pad_token_id=pad,
+                                  cuda_graph=cuda_graph, max_num_seqs=max_num_seqs)
         self.stats = EngineStats()
         #: the batch the last step ran (a :class:`ScheduledBatch`; None before the first step)
         self.last_batch: ScheduledBatch | None = None

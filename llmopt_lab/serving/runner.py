@@ -4,6 +4,12 @@ The runner owns the KV pool: the block manager's ``num_blocks`` blocks plus
 one *scratch* block that no sequence owns. Padding (what static batching
 computes and continuous batching does not) writes its keys and values there,
 so padded rows cost real compute but can never corrupt a sequence's cache.
+
+With ``cuda_graph=True`` a step in which every sequence brings one token
+(pure decode, the common case under load) is replayed from a CUDA graph of
+the smallest batch-size bucket that holds it
+(:class:`~llmopt_lab.graphs.GraphedDecoder`; its dummy rows write to the
+scratch block); prefill and mixed steps run eagerly.
 """
 
 from __future__ import annotations
@@ -21,16 +27,27 @@ class ModelRunner:
 
     ``pool_cls``: the storage class (:class:`~llmopt_lab.cache.KVPool`, or
     :class:`~llmopt_lab.cache.pool.Int8KVPool` for int8 K/V).
+    cuda_graph: replay decode-only steps of up to ``max_num_seqs`` sequences
+    from CUDA graphs (raises GraphError when the model is not on a CUDA GPU).
     """
 
     def __init__(self, model, num_blocks: int, block_size: int, pool_cls=KVPool,
-                 pad_token_id: int = 0):
+                 pad_token_id: int = 0, cuda_graph: bool = False, max_num_seqs: int = 32):
         self.model = model
         self.block_size = block_size
         self.pool = pool_cls(model.config, num_blocks + 1, block_size, device=model.device,
                              dtype=model.dtype)
         self.scratch = num_blocks  # the extra block: padding writes here
         self.pad_token_id = pad_token_id
+        self.decoder = None
+        #: steps replayed from a CUDA graph (the rest ran eagerly)
+        self.graph_steps = 0
+        if cuda_graph:
+            from ..graphs import GraphedDecoder
+
+            GraphedDecoder.check_device(model)
+            width = -(-model.config.max_position_embeddings // block_size)
+            self.decoder = GraphedDecoder(model, self.pool, max_batch=max_num_seqs, max_blocks=width)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], int]:
@@ -66,7 +83,12 @@ class ModelRunner:
             starts.append(0)
             tables.append([self.scratch])
             padding += 1
-        step = host_step(chunks, starts, tables, bs).to_step(self.model.device)
+        host = host_step(chunks, starts, tables, bs)
+        if (self.decoder is not None and not padding and len(last) == len(chunks)
+                and max(host.num_queries) == 1 and len(chunks) <= self.decoder.buckets[-1]):
+            self.graph_steps += 1  # every sequence decodes one token: replay its bucket's graph
+            return self.decoder.run(host).clone(), rows, padding
+        step = host.to_step(self.model.device)
         hidden = self.model.step_hidden(step, self.pool)  # (N, H)
         if not last:
             return hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32), rows, padding
