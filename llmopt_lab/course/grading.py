@@ -135,7 +135,8 @@ def check(fn: Callable, reference: Callable, cases: list[Case], *, name: str | N
         if first_exc is not None:
             raise GradingError(msg) from first_exc
         raise GradingError(msg)
-    print(f"All {len(cases)} checks of {name} passed.")
+    print(f"All {len(cases)} checks of {name} passed." if len(cases) != 1 else
+          f"The check of {name} passed.")
     return len(cases)
 
 
