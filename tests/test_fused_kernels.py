@@ -249,6 +249,7 @@ def test_swiglu_errors():
 
 # ------------------------------------------------------------------ GPU, bfloat16
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 needs a GPU (the interpreter "
                     "computes it wrongly)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

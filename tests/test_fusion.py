@@ -17,7 +17,7 @@ from llmopt_lab.measure.launches import OverheadModel, count_launches  # noqa: E
 from llmopt_lab.step import step_logits  # noqa: E402
 from llmopt_lab.transforms.fuse import FusedDecoderLayer, fuse, is_fused, unfuse  # noqa: E402
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = pytest.mark.gpu  # skipped without a CUDA GPU (conftest); run by .ci/gpu-measure tests
 
 
 @pytest.fixture(scope="module")
