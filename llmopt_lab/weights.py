@@ -228,7 +228,9 @@ def save_model(model: Transformer, folder: str | os.PathLike, tokenizer=None,
     ``overwrite=True``: its old config, index and every old ``*.safetensors``
     shard are moved out before the new files move in, so old and new shards
     never mix; other files (README, logs) stay. A folder without a checkpoint
-    keeps its other files.
+    keeps its other files. Layers that share weights
+    (:func:`llmopt_lab.transforms.depth.share_layers`) are written as separate
+    copies: the checkpoint format has no sharing, so the loaded model is unshared.
 
     Raises :class:`ModelLoadError` for a model that cannot be saved faithfully
     (a quantized or otherwise transformed model whose linear layers are not
@@ -243,11 +245,15 @@ def save_model(model: Transformer, folder: str | os.PathLike, tokenizer=None,
     ckpt.check_saveable(model, dtype)
 
     def write(tmp: Path) -> None:
-        state = {}
+        state, seen = {}, set()
         for k, v in model.state_dict().items():
             if model.config.tie_word_embeddings and k == "lm_head.weight":
                 continue
-            state[local_to_hf_key(k)] = v.detach().to(dtype or v.dtype).contiguous().cpu()
+            t = v.detach().to(dtype or v.dtype).contiguous().cpu()
+            if t.data_ptr() in seen:  # a tensor shared between layers (lesson 05): its own copy
+                t = t.clone()
+            seen.add(t.data_ptr())
+            state[local_to_hf_key(k)] = t
         st.save_file(state, str(tmp / ckpt.WEIGHTS_FILE), metadata={"format": "pt"})
         d = model.config.to_hf_dict()
         d["torch_dtype"] = str(dtype or model.dtype).replace("torch.", "")
