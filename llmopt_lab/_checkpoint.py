@@ -191,6 +191,22 @@ def check_saveable(model: nn.Module, dtype: torch.dtype | None = None) -> None:
         raise ModelLoadError("cannot save a fused model (its q/k/v and gate/up projections are "
                              "concatenated): call llmopt_lab.transforms.fuse.unfuse(model) first, "
                              "then save")
+    from .transforms.lowrank import LoRALinear, LowRankLinear
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, LowRankLinear):
+            raise ModelLoadError(
+                f"cannot save: {name} is a LowRankLinear (rank {mod.rank}): a low-rank model "
+                "(two thin factors in place of each weight) has no faithful Hugging Face "
+                "checkpoint, whose format holds one dense weight per projection; keep it in "
+                "memory (or torch.save its state_dict), or save the dense model and factorise "
+                "again after loading")
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            raise ModelLoadError(
+                f"cannot save: {name} is a LoRALinear (a LoRA adapter): a model with unmerged "
+                "adapters has no faithful Hugging Face checkpoint; call "
+                "llmopt_lab.transforms.lowrank.merge_lora(model) first, then save")
     with torch.device("meta"):
         ref = Transformer(model.config)
     mods = dict(model.named_modules())
