@@ -338,7 +338,8 @@ def recover(model: nn.Module, tokenizer, seconds: float = 60.0, steps: int = 200
 
     Loss: the next-token cross-entropy, or with a ``teacher`` (the model
     before pruning) the KL divergence from the teacher's next-token
-    distribution to the pruned model's, per token (distillation: every
+    distribution to the pruned model's, per token (distillation,
+    :func:`llmopt_lab.distill.kd_loss` at T=1 with alpha=1: every
     position teaches a whole distribution, not one token, so it recovers
     far more per step).
 
@@ -352,6 +353,7 @@ def recover(model: nn.Module, tokenizer, seconds: float = 60.0, steps: int = 200
     dict(steps, seconds, tokens, train_loss [first, last]). Raises
     PruningError for a non-positive budget.
     """
+    from ..distill import kd_loss
     from ..training import TrainSettings, lm_loss, train
     from .quantize.calibration import training_calibration_set
 
@@ -363,9 +365,8 @@ def recover(model: nn.Module, tokenizer, seconds: float = 60.0, steps: int = 200
         if teacher is None:
             return lm_loss(m, batch)
         with torch.no_grad():
-            t = torch.log_softmax(teacher(batch).float(), -1)
-        s = torch.log_softmax(m(batch).float(), -1)
-        return (t.exp() * (t - s)).sum(-1).mean()
+            t = teacher(batch)
+        return kd_loss(m(batch), t, temperature=1.0, alpha=1.0, kind="forward")
 
     data = training_calibration_set(tokenizer, num_sequences=steps * batch_size, seq_len=seq_len,
                                     batch_size=batch_size, seed=seed + 1)
