@@ -193,20 +193,21 @@ def check_saveable(model: nn.Module, dtype: torch.dtype | None = None) -> None:
                              "then save")
     from .transforms.lowrank import LoRALinear, LowRankLinear
 
-    for name, mod in model.named_modules():
-        if isinstance(mod, LowRankLinear):
-            raise ModelLoadError(
-                f"cannot save: {name} is a LowRankLinear (rank {mod.rank}): a low-rank model "
-                "(two thin factors in place of each weight) has no faithful Hugging Face "
-                "checkpoint, whose format holds one dense weight per projection; keep it in "
-                "memory (or torch.save its state_dict), or save the dense model and factorise "
-                "again after loading")
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoRALinear):
-            raise ModelLoadError(
-                f"cannot save: {name} is a LoRALinear (a LoRA adapter): a model with unmerged "
-                "adapters has no faithful Hugging Face checkpoint; call "
-                "llmopt_lab.transforms.lowrank.merge_lora(model) first, then save")
+    modules = list(model.named_modules())
+    low = next(((n, m) for n, m in modules if isinstance(m, LowRankLinear)), None)
+    if low is not None:  # checked first: merging adapters does not remove the factors
+        raise ModelLoadError(
+            f"cannot save: {low[0]} is a LowRankLinear (rank {low[1].rank}): a low-rank model "
+            "(two thin factors in place of each weight) has no faithful Hugging Face "
+            "checkpoint, whose format holds one dense weight per projection; keep it in "
+            "memory (or torch.save its state_dict), or save the dense model and factorise "
+            "again after loading")
+    lora = next((n for n, m in modules if isinstance(m, LoRALinear)), None)
+    if lora is not None:
+        raise ModelLoadError(
+            f"cannot save: {lora} is a LoRALinear (a LoRA adapter): a model with unmerged "
+            "adapters has no faithful Hugging Face checkpoint; call "
+            "llmopt_lab.transforms.lowrank.merge_lora(model) first, then save")
     with torch.device("meta"):
         ref = Transformer(model.config)
     mods = dict(model.named_modules())

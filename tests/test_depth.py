@@ -119,3 +119,16 @@ def test_shared_and_cut_models_save_and_load(tiny, tmp_path):
         assert back.config.num_layers == m.config.num_layers
         with torch.no_grad():
             torch.testing.assert_close(back(ids), m(ids))
+
+
+def test_bench_05_quick():
+    from llmopt_lab.benchmarks import distillation as db
+
+    r = db.run("quick", device="cpu", progress=False)
+    names = [t["name"] for t in r["targets"]]
+    assert any("distilled student" in n for n in names) and any("draft" in n for n in names)
+    assert r["depth"]["layers"] == 6 and len(r["depth"]["dropped"]) == 2
+    assert r["share"]["bytes"] < r["share"]["bytes_ref"]
+    assert r["lowrank"]["healed"]["merged"] > 0
+    assert "windows" not in r["lowrank"]["svd"] and r["params"]["windows"] == 4
+    assert db.summary_rows(r) and "targets:" in db.summary_text(r)

@@ -42,6 +42,8 @@ BENCHMARKS: list[Benchmark] = [
               "int8/int4 kernels, quantized models' speed and memory, and quality per method"),
     Benchmark("04", "pruning", "llmopt_lab.benchmarks.pruning",
               "pruning's quality (magnitude, Wanda, SparseGPT; 50% and 2:4), structured pruning and recovery, 2:4 kernels"),
+    Benchmark("05", "distillation", "llmopt_lab.benchmarks.distillation",
+              "distilled students, low rank + LoRA, fewer and shared layers: quality beside size and speed"),
     Benchmark("06", "flash_attention", "llmopt_lab.benchmarks.flash_attention",
               "our flash-attention kernels against SDPA and naive attention"),
     Benchmark("07", "paged_attention", "llmopt_lab.benchmarks.paged_attention",
@@ -53,6 +55,16 @@ BENCHMARKS: list[Benchmark] = [
     Benchmark("10", "batching", "llmopt_lab.benchmarks.batching",
               "static, dynamic and continuous batching on one workload (engine throughput, latency)"),
 ]
+
+
+def target_lines(targets: list[dict]) -> list[str]:
+    """The "targets:" block of a summary: one line per target, marked met,
+    MISSED or info (reported only), with its goal and what was measured."""
+    lines = ["targets:"]
+    for t in targets:
+        mark = "info" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        lines.append(f"  [{mark}] {t['name']} ({t['goal']}): {t['text']}")
+    return lines
 
 
 def find(key: str) -> Benchmark:

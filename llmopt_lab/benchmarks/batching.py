@@ -37,6 +37,8 @@ import time
 
 import torch
 
+from . import target_lines
+
 #: goals per size class ("cpu" for quick and cpu, "gpu" for gpu and gpu-full)
 TARGETS = {
     "cpu": dict(continuous_over_static={"longtail": 3.0}, chunked_tbt_ratio=2.0,
@@ -282,10 +284,7 @@ def summary_text(result: dict) -> str:
                      f"outputs {dist} (mean {r.get('mean_output', float('nan')):.1f}, max "
                      f"{r.get('max_output', '?')}), batch {p['max_num_seqs']}, KV budget "
                      f"{r.get('num_blocks', '?')} blocks, all arriving at once")
-    lines.append("targets:")
-    for t in result["targets"]:
-        mark = "info" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        lines.append(f"  [{mark}] {t['name']} ({t['goal']}): {t['text']}")
+    lines += target_lines(result["targets"])
     return "\n".join(lines)
 
 

@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from . import target_lines
+
 from .. import measure
 from ..cache import make_cache
 from ..generate import generate
@@ -444,10 +446,7 @@ def summary_text(result: dict) -> str:
         lines.append(f"{e['model']}: TorchDynamo: decode {gb['decode']['graphs']} graph(s), "
                      f"{gb['decode']['breaks']} break(s); prefill {gb['prefill']['graphs']} graph(s), "
                      f"{gb['prefill']['breaks']} break(s)")
-    lines.append("targets:")
-    for t in result["targets"]:
-        mark = "info" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        lines.append(f"  [{mark}] {t['name']} ({t['goal']}): {t['text']}")
+    lines += target_lines(result["targets"])
     return "\n".join(lines)
 
 

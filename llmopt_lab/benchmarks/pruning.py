@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from . import target_lines
+
 TARGETS = dict(recovered_share=0.5, recovery_seconds=90.0, gemv24_speedup=1.4,
                semi_structured_prefill_speedup=1.1)
 
@@ -280,9 +282,7 @@ def summary_text(result: dict) -> str:
     p = result["params"]
     lines = [f"{p['model']} ({p['dtype']}), {p['windows']} held-out windows, calibration "
              f"{p['calibration'][0]} x {p['calibration'][1]} tokens of the training split", "targets:"]
-    for t in result["targets"]:
-        mark = "info" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        lines.append(f"  [{mark}] {t['name']} ({t['goal']}): {t['text']}")
+    lines += target_lines(result["targets"])[1:]
     return "\n".join(lines)
 
 
