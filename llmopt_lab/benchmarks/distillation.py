@@ -43,7 +43,9 @@ TARGETS = dict(kd_ratio=0.95, lowrank_recovered=0.5, depth_speedup=1.8, rank_spe
 
 _CPU = dict(teacher="llmopt-tiny", draft="llmopt-tiny-draft", dtype="float32", windows=48,
             student=dict(steps=150, batch_size=8, seq_len=128, lr=2e-3, temperature=2.0, alpha=0.5,
-                         eval_every=25, eval_windows=12),
+                         eval_every=25, eval_windows=12,
+                         sweep=[(1.0, 0.5, "forward"), (4.0, 0.5, "forward"), (2.0, 1.0, "forward"),
+                                (2.0, 0.5, "reverse")]),
             calibration=(16, 128), svd_fraction=0.5, lora_rank=16, heal_seconds=75.0,
             heal_steps=300, heal_lr=1e-3, drop_fraction=0.25, share_pairs=[(3, 4), (5, 6)],
             draft_tune=dict(steps=120, batch_size=8, seq_len=128, lr=5e-4, temperature=1.0, alpha=0.9),
@@ -52,7 +54,7 @@ _CPU = dict(teacher="llmopt-tiny", draft="llmopt-tiny-draft", dtype="float32", w
 SIZES = {
     "quick": dict(_CPU, windows=4,
                   student=dict(_CPU["student"], steps=3, batch_size=2, seq_len=32, eval_every=3,
-                               eval_windows=2),
+                               eval_windows=2, sweep=[(1.0, 1.0, "reverse")]),
                   calibration=(2, 32), heal_seconds=2.0, heal_steps=2,
                   draft_tune=dict(_CPU["draft_tune"], steps=2, batch_size=2, seq_len=32),
                   acceptance=dict(prompts=2, prompt_len=16, new_tokens=8, k=4),
@@ -179,6 +181,15 @@ def run_student(teacher, tok, p, ev, progress=False) -> dict:
     out["ratio"] = q["ppl"] / q["ppl_ref"]
     out["tokens"] = settings.tokens
     out["params"] = _params(students["labels"])
+    # T and lambda: the same student, batches and steps, other settings of the loss
+    out["sweep"] = []
+    for T, alpha, kind in s.get("sweep", []):
+        student = Transformer.from_config(draft_cfg, device=dev, seed=0)
+        distill(student, teacher, batches, settings, temperature=T, alpha=alpha, kind=kind)
+        student.eval()
+        qs = _quality(students["labels"], student, ev, p["windows"])
+        out["sweep"].append(_row(f"T={T:g}, lambda={alpha:g}, {kind} KL", qs, temperature=T, alpha=alpha,
+                                 kind=kind, ratio=qs["ppl"] / qs["ppl_ref"]))
     return out, students
 
 
@@ -428,6 +439,12 @@ def targets(result: dict) -> list[dict]:
                     met=bool(st["ratio"] <= T["kd_ratio"]),
                     text=f"perplexity {c['ppl_ref']:.2f} (labels) -> {c['ppl']:.2f} (distilled): "
                          f"{st['ratio']:.3f}x [90%: {lo:.3f}, {hi:.3f}] after {st['tokens']:,} tokens"))
+    for r in st.get("sweep", []):
+        lo, hi = (1 + x / 100 for x in r["ppl_delta_pct_ci90"])
+        out.append(dict(name=f"the same student distilled with {r['label']}", value=r["ratio"],
+                        goal="reported", met=None,
+                        text=f"perplexity {r['ppl']:.2f}: {r['ratio']:.3f}x the labels-only student "
+                             f"[90%: {lo:.3f}, {hi:.3f}]"))
     lr = result["lowrank"]
     out.append(dict(name="SVD at half the parameters, LoRA-healed and merged: share of the increase recovered",
                     value=lr["recovered"], goal=f">= {T['lowrank_recovered']:g}",
