@@ -191,6 +191,15 @@ def check_saveable(model: nn.Module, dtype: torch.dtype | None = None) -> None:
         raise ModelLoadError("cannot save a fused model (its q/k/v and gate/up projections are "
                              "concatenated): call llmopt_lab.transforms.fuse.unfuse(model) first, "
                              "then save")
+    for attr, what, fix in (
+            ("tensor_parallel", "a tensor-parallel shard (one rank's slice of every weight)",
+             "save the whole model before apply_tensor_parallel"),
+            ("pipeline", "a pipeline stage (a slice of the layers)",
+             "save the whole model before make_stage"),
+            ("offload_streamer", "an offloaded model (its layers are streamed from host memory)",
+             "save the model before offload")):
+        if getattr(model, attr, None) is not None:
+            raise ModelLoadError(f"cannot save {what}: {fix}")
     from .transforms.lowrank import LoRALinear, LowRankLinear
 
     modules = list(model.named_modules())

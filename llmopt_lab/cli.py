@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("llmopt_lab.commands.serve", "serve a model over HTTP (OpenAI-compatible /v1/completions, streaming)"),
     "tour": ("llmopt_lab.commands.tour", "run every lesson's benchmark at a size that fits this device"),
     "bench": ("llmopt_lab.commands.bench", "run one lesson's benchmark (GPU-scale sizes available)"),
+    "parallel": ("llmopt_lab.parallel.cli", "tensor, pipeline or data parallel generation (run it under torchrun)"),
     "exercises": ("llmopt_lab.course.exercises", "build exercises/ from solutions/ (or check they are current)"),
     "train-zoo": ("llmopt_lab.zoo.train", "train the built-in models (llmopt-tiny, llmopt-tiny-draft)"),
 }

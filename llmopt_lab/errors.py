@@ -56,3 +56,10 @@ class ServingError(LlmoptError, ValueError):
     """A request or engine setting the serving engine cannot take (a prompt
     longer than the context, a KV budget too small for one request, an unknown
     batching policy, a request id it does not know)."""
+
+
+class ParallelError(TransformError):
+    """A parallel run that cannot go ahead as asked: a degree that does not
+    divide the model's heads, vocabulary or layers, a process group of the
+    wrong size, a worker process that failed, a launch without torchrun's
+    environment."""

@@ -244,24 +244,29 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, meta, None, attn_fn or self.attn_fn)
         return self.norm(x)
 
-    def step_hidden(self, step, kv, attn_fn: Callable | None = None) -> torch.Tensor:
+    def step_hidden(self, step, kv, attn_fn: Callable | None = None,
+                    hidden: torch.Tensor | None = None, final_norm: bool = True) -> torch.Tensor:
         """Final (normed) hidden states (N, hidden_size) of a step's packed tokens.
 
         step: a :class:`llmopt_lab.step.Step` (tokens, positions, slots, block
             tables, query counts of S sequences); kv: the KV storage
             (:class:`llmopt_lab.cache.KVPool` or a cache built on it) that the
             step's keys and values are written to and read from.
+        hidden: (N, hidden_size) inputs of the first layer instead of the
+            embedding of ``step.tokens``; with ``final_norm=False`` the last
+            layer's output is returned unnormed. A pipeline stage
+            (:mod:`llmopt_lab.parallel.pipeline`) runs its slice of layers so.
         Raises CacheError when ``kv`` was built for another model or dtype.
         """
         kv.check_compatible(self.config, self.dtype, step.tokens.device)
         kv.prepare(step)
         view = StepView(step, kv)
-        x = self.embed_tokens(step.tokens)  # (N, hidden)
+        x = self.embed_tokens(step.tokens) if hidden is None else hidden  # (N, hidden)
         cos, sin = rope_cos_sin(self.inv_freq, step.positions[None], x.dtype)  # (1, 1, N, D)
         cos, sin = cos[0, 0, :, None], sin[0, 0, :, None]  # (N, 1, D)
         for layer in self.layers:
             x = layer(x, cos, sin, view, kv, attn_fn or self.attn_fn)
-        return self.norm(x)
+        return self.norm(x) if final_norm else x
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
                 lengths: torch.Tensor | None = None, attn_fn: Callable | None = None) -> torch.Tensor:

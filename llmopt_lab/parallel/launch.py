@@ -1,0 +1,98 @@
+"""Starting the processes of a parallel run from Python (a notebook cell, a
+test, the benchmark): torchrun in a subprocess, results back as JSON.
+
+``launch("tp", nprocs=2, model="llmopt-tiny")`` runs
+
+    python -m torch.distributed.run --nproc-per-node 2 --master-addr 127.0.0.1 \\
+        --master-port <free port> -m llmopt_lab parallel tp --json-out <tmp> --kwargs '{...}'
+
+and returns each rank's result dict. The workers are the course's own
+command (:mod:`llmopt_lab.parallel.cli`), so what a notebook launches is what
+a user types in a terminal. On several machines the same command takes
+``--nnodes 2 --node-rank K --rdzv-backend c10d --rdzv-endpoint HOST:PORT``
+instead of the local master address (see lesson 11).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import ParallelError
+
+__all__ = ["free_port", "launch", "torchrun_command"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(mode: str, nprocs: int, port: int, out_dir: str, kwargs: dict) -> list[str]:
+    """The argv of one local launch (see the module doc)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nprocs}",
+            "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "llmopt_lab", "parallel", mode,
+            "--json-out", out_dir, "--kwargs", json.dumps(kwargs)]
+
+
+def launch(mode: str, nprocs: int = 2, timeout: float = 600, threads_per_process: int = 1,
+           **kwargs) -> list[dict]:
+    """Run parallel task ``mode`` ('tp', 'pp', 'dp', 'allreduce'; see
+    :mod:`llmopt_lab.parallel.tasks`) in ``nprocs`` CPU processes (gloo) and
+    return their results in rank order. ``kwargs`` go to the task (JSON-able).
+    Each process gets ``threads_per_process`` torch threads, so that two
+    processes on a two-core machine do not fight over the cores.
+
+    Raises ParallelError for an unknown mode, a run that fails (with the
+    tail of its output) or one that exceeds ``timeout`` seconds.
+    """
+    from .tasks import TASKS
+
+    if mode not in TASKS:
+        raise ParallelError(f"unknown parallel mode {mode!r}; choose from {', '.join(TASKS)}")
+    if not isinstance(nprocs, int) or nprocs < 1:
+        raise ParallelError(f"nprocs must be a positive integer, got {nprocs!r}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_process), HF_HUB_OFFLINE="1",
+               LLMOPT_PARALLEL_BACKEND="gloo", CUDA_VISIBLE_DEVICES="",
+               TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"))
+    with tempfile.TemporaryDirectory(prefix="llmopt-parallel-") as out:
+        cmd = torchrun_command(mode, nprocs, free_port(), out, kwargs)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise ParallelError(f"parallel run '{mode}' took longer than {timeout:.0f} s and was "
+                                "stopped") from None
+        if proc.returncode != 0:
+            tail = _worker_error(proc.stdout + "\n" + proc.stderr)
+            raise ParallelError(f"parallel run '{mode}' with {nprocs} processes failed "
+                                f"(exit {proc.returncode}):\n{tail}")
+        results = []
+        for r in range(nprocs):
+            path = Path(out) / f"rank{r}.json"
+            if not path.exists():
+                raise ParallelError(f"rank {r} of parallel run '{mode}' wrote no result")
+            results.append(json.loads(path.read_text()))
+    return results
+
+
+def _worker_error(output: str) -> str:
+    """The lines that say why a worker failed: an ``error:`` line of the
+    command, or the end of the first rank's traceback (torchrun prefixes
+    them with ``[rankN]:``), else the end of the output."""
+    lines = output.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("error: ") or ": error: " in ln]
+    if errors:
+        return "\n".join(dict.fromkeys(errors))
+    ranked = [ln for ln in lines if ln.startswith("[rank")]
+    if ranked:
+        first = ranked[0].split("]:", 1)[0]
+        mine = [ln for ln in ranked if ln.startswith(first + "]:")]
+        return "\n".join(mine[-6:])
+    return "\n".join(lines[-15:])
