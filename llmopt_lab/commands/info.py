@@ -23,6 +23,10 @@ def run(args) -> int:
     print(f"git commit    {prov['git_commit']}")
     built = [name for name, path in ZOO.items() if (path / "config.json").exists()]
     print(f"zoo models    {', '.join(built) if built else 'none built (python -m llmopt_lab train-zoo)'}")
+    from ..zoo.fetched import FETCHED, fetch_command, is_fetched
+
+    for name in FETCHED:
+        print(f"fetched model {name}: {'cached' if is_fetched(name) else 'not fetched (' + fetch_command(name) + ')'}")
     try:
         limits = measure.device_limits(dev, measure=not args.no_measure or None)
     except ValueError:

@@ -5,6 +5,9 @@
 * ``llmopt-tiny-draft/``: a 1-2 layer model with the same tokenizer, the
   draft of speculative decoding and the baseline student of distillation.
 * ``tokenizer/``: their byte-level BPE tokenizer (4096 entries).
+* :mod:`llmopt_lab.zoo.fetched`: pretrained models too large to ship
+  (``smollm2-135m``: SmolLM2-135M-Instruct, a Q4_1 GGUF dequantized to float),
+  fetched once through pip into a per-user cache; their model cards are there.
 
 Each model folder is a Hugging Face checkpoint (config.json,
 model.safetensors, tokenizer files) with a model card (README.md) and its
