@@ -391,6 +391,11 @@ PRESETS: dict[str, Any] = {
                                intermediate_size=11008, num_layers=32, num_heads=32,
                                num_kv_heads=32, max_position_embeddings=4096,
                                torch_dtype="bfloat16"),
+    # Llama-2-70B: too big for one 80 GB GPU in bf16 (lesson 11's memory arithmetic)
+    "llama-70b": lambda: _llama("llama-70b", vocab_size=32000, hidden_size=8192,
+                                intermediate_size=28672, num_layers=80, num_heads=64,
+                                num_kv_heads=8, max_position_embeddings=4096,
+                                torch_dtype="bfloat16"),
     "llama3-8b": lambda: _llama("llama3-8b", vocab_size=128256, hidden_size=4096,
                                 intermediate_size=14336, num_layers=32, num_heads=32,
                                 num_kv_heads=8, max_position_embeddings=131072,

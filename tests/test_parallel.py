@@ -220,3 +220,37 @@ def test_offload_to_gpu_same_tokens(prefetch):
     offload(model, "cuda", prefetch=prefetch)
     assert generate(model, ids, 8, ignore_eos=True).tolist() == ref
     assert model.offload_streamer.bytes_copied > 0
+
+
+# ------------------------------------------------------------ scaling model
+def test_allreduce_fit_recovers_latency_and_bandwidth():
+    from llmopt_lab.parallel.scaling import AllReduceModel
+
+    true = AllReduceModel(50e-6, 2e9)
+    sizes = [1e3, 1e5, 1e6, 4e6]
+    fit = AllReduceModel.fit(sizes, [true.seconds(n, 4) for n in sizes], 4)
+    assert fit.latency_s == pytest.approx(50e-6, rel=1e-6)
+    assert fit.bytes_per_s == pytest.approx(2e9, rel=1e-6)
+    assert AllReduceModel(1.0, 1.0).seconds(100, 1) == 0.0
+    with pytest.raises(ParallelError, match="two or more"):
+        AllReduceModel.fit([1e3], [1e-3], 2)
+    with pytest.raises(ParallelError, match="do not grow"):
+        AllReduceModel.fit([1e3, 1e6], [2e-3, 1e-3], 2)
+
+
+def test_layer_gemms_shard_by_degree_and_predict_tp_step(tiny):
+    from llmopt_lab.config import preset
+    from llmopt_lab.parallel.scaling import AllReduceModel, layer_gemms, predict_tp_step
+
+    c = preset("llama-70b")
+    full, tp8 = dict((n, (N, K)) for n, N, K in layer_gemms(c)), dict(
+        (n, (N, K)) for n, N, K in layer_gemms(c, 8))
+    assert tp8["q_proj"] == (full["q_proj"][0] // 8, 8192) and tp8["o_proj"] == (8192, 8192 // 8)
+    assert tp8["k_proj"] == (128, 8192)  # one KV head per rank
+    assert dict((n, N) for n, N, K in layer_gemms(c, 16))["k_proj"] == 128  # replicated, not below one head
+    free = AllReduceModel(0.0, 1e30)
+    pred = predict_tp_step(tiny[0].config, [2], tokens=2, allreduce=free, repeats=2)
+    assert [p["world"] for p in pred] == [1, 2] and pred[0]["speedup"] == 1.0
+    slow = predict_tp_step(tiny[0].config, [2], tokens=2, allreduce=AllReduceModel(1.0, 1e9), repeats=2)
+    assert slow[1]["comm_s"] == pytest.approx(2 * 8 * (1.0 + 2 * 256 * 4 / 1e9), rel=1e-12)
+    assert slow[1]["speedup"] < 1.0

@@ -54,6 +54,8 @@ BENCHMARKS: list[Benchmark] = [
               "fused kernels, torch.compile and CUDA graphs on a decode step (launches, tokens, speed)"),
     Benchmark("10", "batching", "llmopt_lab.benchmarks.batching",
               "static, dynamic and continuous batching on one workload (engine throughput, latency)"),
+    Benchmark("11", "parallelism", "llmopt_lab.benchmarks.parallelism",
+              "tensor, pipeline and data parallelism over gloo (2 processes), offloading"),
 ]
 
 

@@ -38,7 +38,8 @@ from torch.func import functional_call
 
 from ..errors import ParallelError
 
-__all__ = ["offload", "LayerStreamer", "StreamedLayer", "offload_cost", "is_offloaded"]
+__all__ = ["offload", "LayerStreamer", "StreamedLayer", "offload_cost", "is_offloaded",
+           "measure_h2d_bandwidth", "time_offloaded_forward", "time_layer_compute"]
 
 
 class LayerStreamer:
@@ -211,3 +212,47 @@ def time_layer_compute(model, tokens: int, repeats: int = 5) -> float:
                 torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - t0)
     return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def measure_h2d_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second of a copy from pinned host memory to ``device``
+    (median of ``repeats``). Raises ParallelError without CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ParallelError("host-to-device bandwidth is measured on a CUDA device")
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    times = sorted(times[1:])
+    return nbytes / times[len(times) // 2]
+
+
+@torch.inference_mode()
+def time_offloaded_forward(model, tokens: int, repeats: int = 3) -> dict:
+    """Median seconds of one forward of ``tokens`` tokens (batch 1, no KV
+    cache) through an offloaded model, and the bytes its layers copied per
+    forward. Raises ParallelError for a model that is not offloaded."""
+    if not is_offloaded(model):
+        raise ParallelError("time_offloaded_forward needs a model from offload()")
+    streamer = model.offload_streamer
+    dev = model.device
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=dev)
+    times = []
+    for _ in range(repeats + 1):  # steady state: layer 0 was prefetched by the forward before
+        copied = streamer.bytes_copied
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        model.hidden_states(ids)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+        per_forward = streamer.bytes_copied - copied
+    times = sorted(times[1:])
+    return {"seconds": times[len(times) // 2], "bytes": per_forward, "tokens": tokens}

@@ -71,9 +71,11 @@ def tensor_parallel_task(comm: Comm, model: str = "llmopt-tiny", prompts=None,
     the whole model first (in this process) as the reference.
 
     Returns tokens (TP), reference_tokens, max_logit_diff (TP vs whole, last
-    prompt token, fp32), kv_bytes_per_token on this rank vs whole, and the
+    prompt token, fp32), kv_bytes_per_token on this rank vs whole, the
     time of one TP generation split into communication (all-reduce and
-    all-gather calls, waited for) and the rest (compute)."""
+    all-gather calls, waited for) and the rest (compute), and the time of
+    the same generation by the whole model in this process
+    (reference_seconds; medians of ``repeats``)."""
     from ..cache import kv_cache_bytes
     from .tensor import apply_tensor_parallel
 
@@ -82,6 +84,12 @@ def tensor_parallel_task(comm: Comm, model: str = "llmopt-tiny", prompts=None,
     ids = _prompt_ids(prompts or DEFAULT_PROMPTS, tok)
     ref_tokens = _greedy(m, ids, max_new_tokens)
     ref_logits = _last_logits(m, ids)
+    ref_times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _greedy(m, ids, max_new_tokens)
+        ref_times.append(time.perf_counter() - t0)
+    ref_times.sort()
     full_kv = kv_cache_bytes(m.config, 1, 1, "float32")
     apply_tensor_parallel(m, comm)
     logits = _last_logits(m, ids)
@@ -103,6 +111,7 @@ def tensor_parallel_task(comm: Comm, model: str = "llmopt-tiny", prompts=None,
             "kv_bytes_per_token": kv_cache_bytes(m.config, 1, 1, "float32"),
             "kv_bytes_per_token_whole": full_kv, "seconds": times[k], "comm_seconds": comm_times[k],
             "compute_seconds": times[k] - comm_times[k], "comm_calls": calls, "comm": last_stats,
+            "reference_seconds": ref_times[len(ref_times) // 2],
             "generated_tokens": len(ids) * max_new_tokens, "config": m.config.name}
 
 
@@ -159,21 +168,24 @@ def data_parallel_task(comm: Comm, model: str = "llmopt-tiny", prompts=None,
             "served_by": [o["rank"] for o in out["outputs"]]}
 
 
-def allreduce_task(comm: Comm, sizes=(1024, 16384, 262144, 1048576), repeats: int = 20) -> dict:
-    """Median seconds of an all-reduce of float32 tensors of each size
-    (elements) over the group; the model a + bytes / bandwidth is fitted by
-    the caller."""
+def allreduce_task(comm: Comm, sizes=(1024, 16384, 262144, 1048576), repeats: int = 10,
+                   rounds: int = 9) -> dict:
+    """Seconds per all-reduce of float32 tensors of each size (elements)
+    over the group: the median of ``rounds`` rounds of ``repeats`` back-to-back calls;
+    the model latency + bytes / bandwidth is fitted by the caller."""
     dev = device_for(comm)
     out = {}
     for n in sizes:
         t = torch.ones(int(n), device=dev)
-        comm.all_reduce(t)  # warm-up
-        times = []
-        for _ in range(repeats):
-            comm.barrier()
-            comm.stats.reset()
+        for _ in range(3):  # warm-up
             comm.all_reduce(t)
-            times.append(comm.stats.total_seconds)
+        times = []
+        for _ in range(rounds):  # the median of rounds of back-to-back calls: the ranks'
+            comm.barrier()  # skew leaving the barrier is paid once per round, not per call
+            comm.stats.reset()
+            for _ in range(repeats):
+                comm.all_reduce(t)
+            times.append(comm.stats.total_seconds / repeats)
         times.sort()
         out[str(int(n))] = times[len(times) // 2]
     return {"rank": comm.rank, "world_size": comm.world_size, "backend": comm.backend,
