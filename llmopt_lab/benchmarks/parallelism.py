@@ -315,7 +315,7 @@ def plot(result: dict, provenance: dict):
     a.set_ylabel("idle share of the stage")
     a.set_title("pipeline bubble, 2 stages (prefill)")
     a.legend(fontsize=8)
-    labels = [f"TP=2 {t['quant']}" for t in result["tp"]] + ["1 process"]
+    labels = [f"TP=2 {t['quant']}" for t in result["tp"]] + ["1 process (none)"]
     comp = [t["seconds"] - t["comm_seconds"] for t in result["tp"]] + [result["tp"][0]["reference_seconds"]]
     comm = [t["comm_seconds"] for t in result["tp"]] + [0.0]
     b.bar(labels, comp, label="compute")

@@ -58,6 +58,19 @@ def _summary(mode: str, res: dict) -> str:
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except BaseException:
+        if args.json_out:  # what launch() reports when this rank fails
+            import traceback
+
+            Path(args.json_out).mkdir(parents=True, exist_ok=True)
+            rank = os.environ.get("RANK", "0")
+            (Path(args.json_out) / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
+
+
+def _run(args) -> int:
     from .comm import init_from_env
     from .tasks import TASKS
 

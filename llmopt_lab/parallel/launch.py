@@ -70,7 +70,12 @@ def launch(mode: str, nprocs: int = 2, timeout: float = 600, threads_per_process
             raise ParallelError(f"parallel run '{mode}' took longer than {timeout:.0f} s and was "
                                 "stopped") from None
         if proc.returncode != 0:
-            tail = _worker_error(proc.stdout + "\n" + proc.stderr)
+            errors = sorted(Path(out).glob("rank*.error"))
+            if errors:  # a worker's own traceback: its last lines name the cause
+                lines = errors[0].read_text().strip().splitlines()
+                tail = f"{errors[0].stem}: " + "\n".join(lines[-3:])
+            else:
+                tail = _worker_error(proc.stdout + "\n" + proc.stderr)
             raise ParallelError(f"parallel run '{mode}' with {nprocs} processes failed "
                                 f"(exit {proc.returncode}):\n{tail}")
         results = []
