@@ -7,7 +7,8 @@ with torchrun by :func:`llmopt_lab.parallel.launch`; one thread each):
   tolerance (fp32 and int8 weights), time split into compute and
   communication, and the time of the same work in one process;
 * PP=2: same tokens, and the bubble of a prefill-only run measured for 1, 2,
-  4 and 8 micro-batches next to (p - 1) / (m + p - 1);
+  4 and 8 micro-batches next to (p - 1) / (m + p - 1), with each stage's
+  time in send/recv (waiting included);
 * DP=2: same tokens as one engine, requests per replica;
 * gloo all-reduce times by size, fitted to latency + bytes / bandwidth, and
   the TP speed-up that the fit and this device's measured shard GEMMs
@@ -115,7 +116,8 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
                  "bubble": [{"micro_batches": int(m), "formula": res[0]["runs"][m]["formula"],
                              "measured": [r["runs"][m]["bubble"] for r in res],
                              "wall_s": res[0]["runs"][m]["wall_s"],
-                             "compute_s": [r["runs"][m]["compute_s"] for r in res]}
+                             "compute_s": [r["runs"][m]["compute_s"] for r in res],
+                             "comm_s": [r["runs"][m]["comm_seconds"] for r in res]}
                             for m in res[0]["runs"]]}
     bar.update()
 
@@ -266,6 +268,7 @@ def summary_rows(result: dict) -> list[dict]:
     for b in result["pp"]["bubble"]:
         rows.append({"mode": f"PP=2, {b['micro_batches']} micro-batches",
                      "same tokens": result["pp"]["same_tokens"], "s": round(b["wall_s"], 3),
+                     "comm s": round(max(b.get("comm_s", [0.0])), 3),
                      "bubble": round(max(b["measured"]), 3), "formula": round(b["formula"], 3)})
     return rows
 
