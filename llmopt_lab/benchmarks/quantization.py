@@ -57,7 +57,26 @@ SIZES = {
                 decode_batches=[1, 16], context=512, steps=32,
                 quality_model="llmopt-tiny", eval_windows=None, eval_window=None,
                 calib_sequences=128, calib_len=256, quality_methods=None),
+    # (c) only, on a real pretrained model with natural activation outliers (SmolLM2-135M-Instruct,
+    # fetched once): tens of minutes on a 2-core CPU (GPTQ and AWQ calibrate 30 layers)
+    "real": dict(kernel_shapes=[], kernel_rows=[], sweep=False, models=[], model_dtype="float32",
+                 formats=[], decode_batches=[], context=0, steps=0,
+                 quality_model="smollm2-135m", eval_windows=48, eval_window=256,
+                 calib_sequences=32, calib_len=256, quality_methods="real", planted=False),
 }
+
+#: part (c) on SmolLM2-135M (hidden 576: int4 groups of 64, not 128, divide its layers)
+REAL_METHODS = [
+    ("int8", "int8", {}),
+    ("int4 RTN g64", "int4", dict(group_size=64)),
+    ("int4 GPTQ g64", "gptq", dict(group_size=64)),
+    ("int4 AWQ g64", "awq", dict(group_size=64)),
+    ("W8A8 naive", "w8a8", {}),
+    ("W8A8 SmoothQuant", "smoothquant", dict(alpha=0.5)),
+]
+#: the real model's targets: share of RTN's perplexity increase recovered, and the lowest
+#: acceptable lower bound of its 90% interval
+REAL_TARGETS = {"int4 AWQ g64": (0.5, 0.25), "int4 GPTQ g64": (0.4, 0.25)}
 
 #: (label, method, options) of part (c), in the order of the table
 QUALITY_METHODS = [
@@ -304,6 +323,8 @@ def quality_data(model, tokenizer, p: dict):
         if p["eval_windows"] and p["eval_windows"] < len(ids):  # evenly spaced: every file
             keep = torch.linspace(0, len(ids) - 1, p["eval_windows"]).round().long()
             ids, lengths = ids[keep], lengths[keep]
+        if p.get("eval_window") and p["eval_window"] < ids.shape[1]:  # the first W tokens of each
+            ids, lengths = ids[:, :p["eval_window"]], lengths.clamp(max=p["eval_window"])
         calib = training_calibration_set(tokenizer, p["calib_sequences"], p["calib_len"])
         return ids, lengths, calib, "held-out quick set; calibration from the training split"
     g = torch.Generator().manual_seed(0)
@@ -405,17 +426,32 @@ def measure_quality(p: dict, device, progress=None) -> dict:
                 for k, v in activation_outliers(base, calib[:2]).items()}
     rows = [dict(label="float32", method="none", options={}, bytes=model_bytes(base),
                  linear_bytes=bytes_breakdown(base)["linear"])]
-    rows += _quality_rows(base, p["quality_methods"] or QUALITY_METHODS, ids, lengths, calib,
-                          progress)
+    methods = REAL_METHODS if p["quality_methods"] == "real" else (p["quality_methods"] or QUALITY_METHODS)
+    rows += _quality_rows(base, methods, ids, lengths, calib, progress)
     if rows[1:]:
         rows[0].update(ppl=rows[1]["ppl_ref"], ppl_ref=rows[1]["ppl_ref"], ppl_delta_pct=0.0,
                        kl=0.0, top1=1.0)
-    planted_model = copy.deepcopy(base)
-    channels = plant_outliers(planted_model, **PLANTED)
-    planted = _quality_rows(planted_model, PLANTED_METHODS, ids, lengths, calib, progress,
-                            " [planted outliers]")
+    planted, channels = [], []
+    if p.get("planted", True):
+        planted_model = copy.deepcopy(base)
+        channels = plant_outliers(planted_model, **PLANTED)
+        planted = _quality_rows(planted_model, PLANTED_METHODS, ids, lengths, calib, progress,
+                                " [planted outliers]")
     by = {r["label"]: r for r in rows}
     checks = {}
+    for lab, (goal, floor) in REAL_TARGETS.items():
+        if lab in by and "recovered" in by[lab] and not math.isnan(by[lab]["recovered"]):
+            rec, (lo, hi) = by[lab]["recovered"], by[lab]["recovered_ci90"]
+            checks[f"{lab} recovers >= {goal:.0%} of RTN's ppl increase "
+                   f"(90% interval's lower bound > {floor:.0%})"] = (
+                f"{'met' if rec >= goal and lo > floor else 'MISSED'}: {rec:.0%} [{lo:.0%}, {hi:.0%}]")
+    if "W8A8 naive" in by and "W8A8 SmoothQuant" in by and "ppl_delta_pct_ci90" in by["W8A8 naive"]:
+        nv, sq = by["W8A8 naive"], by["W8A8 SmoothQuant"]
+        checks["SmoothQuant's W8A8 ppl increase below naive W8A8's"] = (
+            f"{'yes' if sq['ppl_delta_pct'] < nv['ppl_delta_pct'] else 'NO'}: "
+            f"{sq['ppl_delta_pct']:+.2f}% [{sq['ppl_delta_pct_ci90'][0]:+.2f}, "
+            f"{sq['ppl_delta_pct_ci90'][1]:+.2f}] vs {nv['ppl_delta_pct']:+.2f}% "
+            f"[{nv['ppl_delta_pct_ci90'][0]:+.2f}, {nv['ppl_delta_pct_ci90'][1]:+.2f}]")
     if "int8" in by:
         checks["int8 ppl within 1% of float32"] = abs(by["int8"]["ppl_delta_pct"]) <= 1.0
     for lab in ("int4 GPTQ g128", "int4 AWQ g128"):

@@ -2,8 +2,10 @@
 minute (``--full``: every lesson's benchmark at a size that fits here).
 
 The short tour measures this machine's limits, meets llmopt-tiny, places its
-prefill and decode steps on this machine's roofline, and serves a small
-load with static and continuous batching; then it says where to go next.
+prefill and decode steps on this machine's roofline, serves a small load
+with static and continuous batching, and ends with a real pretrained model
+(SmolLM2-135M-Instruct, fetched once through pip) answering a question;
+then it says where to go next.
 Results of a learner's own runs go to ``my-results/`` (or ``--out``), never
 over the committed ``results/`` unless that folder is asked for by name.
 """
@@ -35,6 +37,8 @@ def add_arguments(p) -> None:
                         "names so no earlier run is overwritten)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-real-model", action="store_true",
+                   help="skip the last stage (SmolLM2-135M answers a question; fetched once, 93 MB)")
 
 
 def run(args) -> int:
@@ -44,7 +48,8 @@ def run(args) -> int:
     if args.full:
         return run_benchmarks(BENCHMARKS, args.device, args.size, out, plot=not args.no_plot,
                               progress=not args.quiet)
-    return first_contact(args.device, out, progress=not args.quiet)
+    return first_contact(args.device, out, progress=not args.quiet,
+                         real_model=not args.no_real_model)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -77,8 +82,37 @@ def _where(out: Path | None) -> tuple[Path, bool]:
     return (user_results_root(), True) if out is None else (out, False)
 
 
-def first_contact(device=None, out: Path | None = None, progress: bool = True) -> int:
-    """The short tour (about a minute on a 2-core CPU); returns 0."""
+REAL_MODEL = "smollm2-135m"
+REAL_QUESTION = "What is the capital of France?"
+
+
+def real_answer(device, question: str = REAL_QUESTION, max_new_tokens: int = 24) -> dict:
+    """SmolLM2-135M-Instruct's greedy answer to ``question`` through its chat
+    template: ``{"answer", "seconds", "tokens"}``, or ``{"skipped": reason}``
+    when the model cannot be loaded (not fetched and no registry: the reason
+    names the command that fetches it)."""
+    import time
+
+    from ..errors import ModelLoadError
+    from ..generate import generate
+    from ..weights import load_model
+    from .chat import encode_chat
+
+    try:
+        model, tok = load_model(REAL_MODEL, device=device)
+    except ModelLoadError as e:
+        return {"skipped": str(e)}
+    ids = encode_chat(tok, [{"role": "user", "content": question}])
+    t0 = time.perf_counter()
+    out = generate(model, [ids], max_new_tokens).tolist()[0]
+    return {"answer": tok.decode(out, skip_special_tokens=True).strip(),
+            "seconds": time.perf_counter() - t0, "tokens": len(out)}
+
+
+def first_contact(device=None, out: Path | None = None, progress: bool = True,
+                  real_model: bool = True) -> int:
+    """The short tour (about a minute on a 2-core CPU, plus the real model's
+    one-time fetch); returns 0."""
     import time
 
     from tqdm.auto import tqdm
@@ -96,6 +130,8 @@ def first_contact(device=None, out: Path | None = None, progress: bool = True) -
           f"commit {prov['git_commit'][:12]}")
     stages = ["this machine's limits", "llmopt-tiny", "a first answer", "prefill on the roofline",
               "decode, batch 1", "decode, batch 16", "serving 32 requests"]
+    if real_model:
+        stages.append("a real model: SmolLM2-135M")
     bar = tqdm(total=len(stages), desc="tour", disable=not progress, leave=False)
 
     def stage(i):
@@ -132,6 +168,11 @@ def first_contact(device=None, out: Path | None = None, progress: bool = True) -
     serving = {p: run_load(Engine(model, tok, policy=p, max_num_seqs=8), reqs)
                for p in ("static", "continuous")}
     bar.update()
+    real = None
+    if real_model:
+        stage(7)
+        real = real_answer(dev)
+        bar.update()
     bar.close()
 
     print(f"\nthis machine: {limits.bandwidth / 1e9:.1f} GB/s memory bandwidth, "
@@ -151,12 +192,18 @@ def first_contact(device=None, out: Path | None = None, progress: bool = True) -
           f"{c['throughput_tok_s']:.0f} tokens/s with none "
           f"({c['throughput_tok_s'] / s['throughput_tok_s']:.1f}x); same tokens: "
           f"{'yes' if s['outputs'] == c['outputs'] else 'NO'}")
+    if real is not None and "answer" in real:
+        print(f"\na real model (SmolLM2-135M-Instruct, 135M parameters, fetched once; lesson 00): "
+              f"asked {REAL_QUESTION!r}, it answers in {real['seconds']:.1f} s:\n  {real['answer']}")
+    elif real is not None:
+        print(f"\na real model: skipped ({real['skipped']})")
     for r in serving.values():
         r.pop("outputs")
     folder, stamp = _where(out)
     path = measure.save_result("00_tour", dict(
         benchmark="tour", lesson="00", limits=limits.to_dict(), generate_tokens_per_s=48 / gen_s,
-        answer=tok.decode(answer, skip_special_tokens=True), rows=rows, serving=serving),
+        answer=tok.decode(answer, skip_special_tokens=True), rows=rows, serving=serving,
+        real_model=real),
         root=folder, device=dev, stamp=stamp)
     print(f"\nresults: {path}\n\n{next_steps()}")
     return 0
@@ -179,7 +226,9 @@ def run_benchmarks(benchmarks, device, size: str, out: Path | None, plot: bool =
         module = b.load()
         chosen = resolve_size(module, size, dev)
         result = module.run(chosen, dev, progress=progress)
-        path = measure.save_result(f"{b.number}_{b.name}", result, root=folder, device=dev,
+        # a special size (bench 03's "real", bench 10's "gpu-full") never replaces the usual result
+        suffix = "" if chosen in ("quick", "cpu", "gpu") else f"-{chosen}"
+        path = measure.save_result(f"{b.number}_{b.name}{suffix}", result, root=folder, device=dev,
                                    stamp=stamp)
         _report(b, module, result, prov, path, plot)
     return 0
