@@ -44,7 +44,123 @@ SIZES = {
                 prompt_len=128, new_tokens=96, ks=[1, 2, 3, 4, 5, 6, 8], sampled=True),
     "gpu": dict(target="llmopt-tiny", draft="llmopt-tiny-draft", dtype="fastest", prompts=8,
                 prompt_len=128, new_tokens=128, ks=[1, 2, 3, 4, 5, 6, 8], sampled=True),
+    # prompt lookup on a real instruction-tuned model (SmolLM2-135M-Instruct, fetched once) for
+    # tasks whose answer copies from the prompt: a few minutes on a 2-core CPU
+    "real": dict(target="smollm2-135m", dtype="float32", ks=[2, 4, 8], code_tokens=128,
+                 passage_tokens=64),
 }
+
+#: tasks whose answers copy from the prompt (written for this benchmark): (kind, instruction)
+_CODE = [
+    ("Rename the variable `n` to `count` everywhere in this function. Reply with the whole "
+     "function only, in a code block.",
+     "def mean_of_positive(values):\n    total = 0.0\n    n = 0\n    for v in values:\n"
+     "        if v > 0:\n            total += v\n            n += 1\n    if n == 0:\n"
+     "        return 0.0\n    return total / n\n"),
+    ("Add type hints to this function. Reply with the whole function only, in a code block.",
+     "def read_pairs(path, sep):\n    pairs = {}\n    with open(path) as f:\n"
+     "        for line in f:\n            key, value = line.rstrip('\\n').split(sep, 1)\n"
+     "            pairs[key] = value\n    return pairs\n"),
+    ("This function should skip empty lines but does not. Fix it and reply with the whole "
+     "function only, in a code block.",
+     "def count_words(lines):\n    counts = {}\n    for line in lines:\n"
+     "        for word in line.split():\n            counts[word] = counts.get(word, 0) + 1\n"
+     "    return counts\n"),
+]
+_PASSAGES = [
+    ("During decoding, a language model produces one token per step. Each step must read every "
+     "weight of the model from memory, but performs only two floating-point operations per weight "
+     "and token. Because memory bandwidth grows more slowly than arithmetic throughput, decoding "
+     "one sequence at a time leaves most of the arithmetic units idle. Batching many sequences "
+     "reuses each weight that is read for several tokens.",
+     "Why does decoding one sequence at a time leave the arithmetic units idle? Answer with a "
+     "sentence from the passage."),
+    ("The bisect module keeps a list in sorted order without sorting it again after each "
+     "insertion. Its function bisect_left returns the position where a new item should be "
+     "inserted, to the left of any equal items. The function insort inserts the item at that "
+     "position. Both run a binary search, so finding the position takes logarithmic time, "
+     "although inserting into a Python list still moves the items after it.",
+     "What does bisect_left return? Answer with a sentence from the passage."),
+    ("A pipeline splits a model's layers into stages placed on different devices. The first "
+     "stage processes a micro-batch and passes its activations to the second stage, then starts "
+     "on the next micro-batch. With p stages and m micro-batches, each stage is idle for a "
+     "fraction (p - 1) / (m + p - 1) of the time, which is called the bubble. More micro-batches "
+     "make the bubble smaller.",
+     "What is the bubble? Answer with a sentence from the passage."),
+]
+
+
+def copy_tasks(tokenizer) -> list[dict]:
+    """The real-model tasks as chat prompts: ``{"kind", "ids", "max_new_tokens"}``
+    (code edits, then questions answered by quoting a passage)."""
+    def chat(text):
+        t = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                          add_generation_prompt=True)
+        return tokenizer(t, add_special_tokens=False).input_ids
+
+    tasks = [dict(kind="code edit", ids=chat(f"{ask}\n\n```python\n{code}```")) for ask, code in _CODE]
+    tasks += [dict(kind="answer from a passage", ids=chat(f"Passage: {text}\n\nQuestion: {q}"))
+              for text, q in _PASSAGES]
+    return tasks
+
+
+def run_real(p: dict, dev, progress: bool = True) -> dict:
+    """Prompt lookup (k in ``p["ks"]``) against plain greedy decoding on
+    SmolLM2-135M-Instruct, for code edits and answers quoted from a passage;
+    methods interleaved prompt by prompt. Per task kind and k: speed-up with
+    a 90% interval over the prompts, acceptance, tokens per step, and whether
+    the tokens equal plain decoding's."""
+    from tqdm.auto import tqdm
+
+    target, tok = load_model(p["target"], device=dev, dtype=p["dtype"])
+    tasks = copy_tasks(tok)
+    for t in tasks:
+        t["max_new_tokens"] = p["code_tokens"] if t["kind"] == "code edit" else p["passage_tokens"]
+    configs = [None] + list(p["ks"])
+    bar = tqdm(total=len(tasks) * len(configs), desc="lesson 08 (real model)", disable=not progress,
+               leave=False)
+    generate(target, [tasks[0]["ids"]], 4)  # warm-up
+    speculative_generate(target, None, [tasks[0]["ids"]], 4, k=2)
+    per = []
+    for i, t in enumerate(tasks):
+        entry = dict(kind=t["kind"], prompt_tokens=len(t["ids"]), runs={})
+        for k in configs:
+            bar.set_postfix_str(f"{t['kind']} {i + 1}: {'plain' if k is None else f'lookup k={k}'}")
+            if k is None:
+                out, dt = _timed(lambda: generate(target, [t["ids"]], t["max_new_tokens"]))
+                toks, st = out.tolist()[0], None
+            else:
+                out, dt = _timed(lambda: speculative_generate(target, None, [t["ids"]],
+                                                              t["max_new_tokens"], k=k))
+                toks, st = out.tokens, out.stats
+            run = dict(seconds=dt, tokens=len(toks), text=tok.decode(toks, skip_special_tokens=True))
+            if st is not None:
+                run.update(acceptance_rate=st.acceptance_rate, tokens_per_step=st.tokens_per_step,
+                           same_as_plain=toks == entry["runs"]["plain"]["ids"])
+            else:
+                run["ids"] = toks
+            entry["runs"]["plain" if k is None else str(k)] = run
+            bar.update()
+        entry["runs"]["plain"].pop("ids")
+        per.append(entry)
+    bar.close()
+    rows = []
+    for kind in dict.fromkeys(t["kind"] for t in tasks):
+        mine = [e for e in per if e["kind"] == kind]
+        plain_s = [e["runs"]["plain"]["seconds"] for e in mine]
+        plain_n = [e["runs"]["plain"]["tokens"] for e in mine]
+        for k in p["ks"]:
+            rs = [e["runs"][str(k)] for e in mine]
+            s = [r["seconds"] for r in rs]
+            n = [r["tokens"] for r in rs]
+            rows.append(dict(kind=kind, k=k, speedup=(sum(n) / sum(s)) / (sum(plain_n) / sum(plain_s)),
+                             speedup_ci90=list(speedup_interval(plain_s, plain_n, s, n)),
+                             acceptance_rate=sum(r["acceptance_rate"] for r in rs) / len(rs),
+                             tokens_per_step=sum(r["tokens_per_step"] for r in rs) / len(rs),
+                             identical_to_plain=sum(r["same_as_plain"] for r in rs) / len(rs),
+                             plain_tokens_per_s=sum(plain_n) / sum(plain_s)))
+    return dict(benchmark="speculative", lesson="08", size="real", target=p["target"],
+                dtype=measure.dtype_key(target.dtype), prompts=len(tasks), tasks=per, rows=rows)
 
 
 def heldout_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
@@ -80,6 +196,8 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
     p = SIZES[size]
     dev = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if size == "real":
+        return run_real(p, dev, progress)
     names = (p["target"], p["draft"])
     if any(n in ZOO and not (ZOO[n] / "config.json").exists() for n in names):
         names = ("synthetic:tiny", "synthetic:tiny")
@@ -183,6 +301,12 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
 
 
 def summary_rows(result: dict) -> list[dict]:
+    if result.get("size") == "real":
+        return [{"task": r["kind"], "k": r["k"], "speed-up": r["speedup"],
+                 "90% interval": "[{:.2f}, {:.2f}]".format(*r["speedup_ci90"]),
+                 "accept": r["acceptance_rate"], "tok/step": r["tokens_per_step"],
+                 "same": r["identical_to_plain"], "plain tok/s": r["plain_tokens_per_s"]}
+                for r in result["rows"]]
     return [{"mode": r["mode"], "method": r["method"], "k": r["k"] or "-",
              "tokens/s": r["tokens_per_s"], "speed-up": r["speedup"],
              "90% interval": ("[{:.2f}, {:.2f}]".format(*r["speedup_ci90"])
@@ -199,6 +323,15 @@ def plot(result: dict, provenance: dict):
     """Measured and predicted speed-up of greedy draft speculation against k."""
     from ..measure import plots
 
+    if result.get("size") == "real":
+        kinds = list(dict.fromkeys(r["kind"] for r in result["rows"]))
+        ks = sorted({r["k"] for r in result["rows"]})
+        return plots.sweep(ks, {kind: [next(r["speedup"] for r in result["rows"]
+                                            if r["kind"] == kind and r["k"] == k) for k in ks]
+                                for kind in kinds},
+                           "k (tokens proposed by prompt lookup)", "speed-up over plain decoding",
+                           provenance=provenance,
+                           title=f"prompt lookup on {result['target']} (greedy, {result['dtype']})")
     rows = [r for r in result["rows"] if r["mode"] == "greedy" and r["method"] == "draft"]
     ks = [r["k"] for r in rows]
     return plots.sweep(ks, {"measured": [r["speedup"] for r in rows],
