@@ -338,3 +338,16 @@ def test_roll_back_alone():
     assert roll_back(s, [8, 8, 8], 1, 5) == [8, 5]
     assert s.tokens == [1, 2, 3, 4, 8, 5] and s.new == [8, 5]
     assert (s.target_len, s.draft_len) == (5, 5)  # every token but the last, in both caches
+
+
+def test_prompt_lookup_on_the_real_model_matches_plain_decoding():
+    from llmopt_lab.benchmarks import speculative as specb
+    from llmopt_lab.zoo.fetched import is_fetched
+
+    if not is_fetched("smollm2-135m"):
+        pytest.skip("smollm2-135m is not fetched here (python -m llmopt_lab zoo fetch smollm2-135m)")
+    p = dict(specb.SIZES["real"], ks=[4], code_tokens=12, passage_tokens=8)
+    res = specb.run_real(p, torch.device("cpu"), progress=False)
+    assert [r["kind"] for r in res["rows"]] == ["code edit", "answer from a passage"]
+    assert all(r["identical_to_plain"] == 1.0 and r["tokens_per_step"] >= 1.0 for r in res["rows"])
+    assert len(res["tasks"]) == 6 and all(t["runs"]["4"]["tokens"] >= 1 for t in res["tasks"])
