@@ -269,3 +269,26 @@ def test_tensor_parallel_three_ranks_on_the_real_model():
         # logits reach ~40 here over 30 layers: 5e-4 absolute (3.8e-5 measured in float32)
         assert all(r["same_tokens"] and r["max_logit_diff"] < 5e-4 for r in res), quant
         assert res[0]["kv_bytes_per_token"] * 3 == res[0]["kv_bytes_per_token_whole"]
+
+
+def test_a_run_killed_by_a_signal_is_retried_once_and_said(monkeypatch, capsys):
+    from llmopt_lab.parallel import launch as L
+
+    calls = []
+
+    def crash_then_work(mode, nprocs, timeout, env, kwargs):
+        calls.append(mode)
+        if len(calls) == 1:
+            raise L._Crashed("parallel run 'pp' with 2 processes failed (exit 1): Signal 6")
+        return [{"rank": 0}, {"rank": 1}]
+
+    monkeypatch.setattr(L, "_launch_once", crash_then_work)
+    assert L.launch("pp", 2) == [{"rank": 0}, {"rank": 1}] and len(calls) == 2
+    assert "retrying the parallel run once" in capsys.readouterr().err
+
+    def always_crash(*a):
+        raise L._Crashed("Signal 6")
+
+    monkeypatch.setattr(L, "_launch_once", always_crash)
+    with pytest.raises(ParallelError, match="Signal 6"):
+        L.launch("pp", 2)

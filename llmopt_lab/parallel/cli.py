@@ -98,5 +98,8 @@ def _run(args) -> int:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:  # tear down together: a rank that leaves first can make the other's gloo abort
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
     return 0

@@ -50,8 +50,13 @@ def launch(mode: str, nprocs: int = 2, timeout: float = 600, threads_per_process
     Each process gets ``threads_per_process`` torch threads, so that two
     processes on a two-core machine do not fight over the cores.
 
+    A run whose workers die from a signal (a native crash, for example gloo
+    aborting, not a Python error) is started once more, with a warning on
+    stderr; its results are then those of the second run.
+
     Raises ParallelError for an unknown mode, a run that fails (with the
-    tail of its output) or one that exceeds ``timeout`` seconds.
+    tail of its output: a worker's own traceback where it wrote one) or one
+    that exceeds ``timeout`` seconds.
     """
     from .tasks import TASKS
 
@@ -62,6 +67,20 @@ def launch(mode: str, nprocs: int = 2, timeout: float = 600, threads_per_process
     env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_process), HF_HUB_OFFLINE="1",
                LLMOPT_PARALLEL_BACKEND="gloo", CUDA_VISIBLE_DEVICES="",
                TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"))
+    for attempt in (1, 2):
+        try:
+            return _launch_once(mode, nprocs, timeout, env, kwargs)
+        except _Crashed as e:  # killed by a signal, not by an error of ours: once more, said aloud
+            if attempt == 2:
+                raise ParallelError(str(e)) from None
+            print(f"warning: {e}\nretrying the parallel run once", file=sys.stderr)
+
+
+class _Crashed(Exception):
+    """A worker died from a signal (no Python error of its own)."""
+
+
+def _launch_once(mode: str, nprocs: int, timeout: float, env: dict, kwargs: dict) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="llmopt-parallel-") as out:
         cmd = torchrun_command(mode, nprocs, free_port(), out, kwargs)
         try:
@@ -76,8 +95,12 @@ def launch(mode: str, nprocs: int = 2, timeout: float = 600, threads_per_process
                 tail = f"{errors[0].stem}: " + "\n".join(lines[-3:])
             else:
                 tail = _worker_error(proc.stdout + "\n" + proc.stderr)
-            raise ParallelError(f"parallel run '{mode}' with {nprocs} processes failed "
-                                f"(exit {proc.returncode}):\n{tail}")
+            written = sorted(p.stem for p in Path(out).glob("rank*.json"))
+            msg = (f"parallel run '{mode}' with {nprocs} processes failed (exit {proc.returncode}; "
+                   f"results written by: {', '.join(written) or 'no rank'}):\n{tail}")
+            if not errors and "Signal " in proc.stdout + proc.stderr:
+                raise _Crashed(msg)
+            raise ParallelError(msg)
         results = []
         for r in range(nprocs):
             path = Path(out) / f"rank{r}.json"
@@ -92,6 +115,9 @@ def _worker_error(output: str) -> str:
     command, or the end of the first rank's traceback (torchrun prefixes
     them with ``[rankN]:``), else the end of the output."""
     lines = output.strip().splitlines()
+    native = [ln for ln in lines if "terminate called" in ln or "what():" in ln]
+    if native:  # a C++ exception that aborted a worker (gloo, for example)
+        return "\n".join(dict.fromkeys(native))
     errors = [ln for ln in lines if ln.startswith("error: ") or ": error: " in ln]
     if errors:
         return "\n".join(dict.fromkeys(errors))
