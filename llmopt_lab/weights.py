@@ -242,6 +242,15 @@ def _load_weights(folder: Path, config: ModelConfig, device: torch.device, dtype
                                  f"{raw_origin[k].name} and in {origin[local].name}); "
                                  "remove one of them")
         state[local], origin[local] = v, raw_origin[k]
+    model, expected = meta_model(config, dtype, attn_fn, state)
+    ckpt.check_state(state, expected, folder, origin)
+    return assign_weights(model, state, device, dtype)
+
+
+def meta_model(config: ModelConfig, dtype: torch.dtype, attn_fn, state: dict) -> tuple[Transformer, dict]:
+    """A weightless (meta) Transformer for ``config`` and the tensors it expects,
+    ``(model, expected)``. With tied embeddings ``lm_head.weight`` is neither
+    expected nor kept in ``state`` (it is popped from it in place)."""
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
@@ -249,10 +258,16 @@ def _load_weights(folder: Path, config: ModelConfig, device: torch.device, dtype
     expected = dict(model.state_dict())
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    ckpt.check_state(state, expected, folder, origin)
+    return model, expected
+
+
+def assign_weights(model: Transformer, state: dict, device, dtype) -> Transformer:
+    """Put the checked ``state`` (our names) into the meta ``model`` on
+    ``device`` in ``dtype``, tie the head if the config says so, rebuild the
+    non-persistent buffers; returns the model in eval mode."""
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.reset_buffers()
     return model.eval()

@@ -333,16 +333,10 @@ def build_model(state: dict[str, torch.Tensor], config: ModelConfig, device, dty
 
     Raises ModelLoadError for missing or unexpected tensors, a shape other
     than the config's, or NaN/inf values."""
-    from .model import Transformer
+    from .weights import assign_weights, meta_model
 
     state = dict(state)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    with torch.device("meta"):
-        model = Transformer(config, attn_fn=attn_fn, dtype=dtype)
-    expected = dict(model.state_dict())
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
+    model, expected = meta_model(config, dtype, attn_fn, state)
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:
         raise ModelLoadError(f"{path}: tensors do not match the file's metadata (missing "
@@ -357,12 +351,7 @@ def build_model(state: dict[str, torch.Tensor], config: ModelConfig, device, dty
         if not bool(torch.isfinite(v).all()):
             raise ModelLoadError(f"{path}: tensor {k!r} holds NaN or inf values; the file is "
                                  "damaged: download it again")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.reset_buffers()
-    return model.eval()
+    return assign_weights(model, state, device, dtype)
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):

@@ -93,10 +93,10 @@ _PASSAGES = [
 def copy_tasks(tokenizer) -> list[dict]:
     """The real-model tasks as chat prompts: ``{"kind", "ids", "max_new_tokens"}``
     (code edits, then questions answered by quoting a passage)."""
+    from ..commands.chat import encode_chat
+
     def chat(text):
-        t = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                          add_generation_prompt=True)
-        return tokenizer(t, add_special_tokens=False).input_ids
+        return encode_chat(tokenizer, [{"role": "user", "content": text}])
 
     tasks = [dict(kind="code edit", ids=chat(f"{ask}\n\n```python\n{code}```")) for ask, code in _CODE]
     tasks += [dict(kind="answer from a passage", ids=chat(f"Passage: {text}\n\nQuestion: {q}"))
