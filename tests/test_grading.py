@@ -122,3 +122,60 @@ def test_triton_jit_blocks_get_a_stub_that_compiles():
     # a plain function keeps the raise (and ignores nothing)
     plain, _ = strip_solutions(JIT_SOLUTION.replace("@triton.jit\n", ""))
     assert 'raise NotImplementedError("Exercise: the update with tl operations")' in plain
+
+
+def test_ridge_batch_reference_and_grader():
+    """Lesson 01's experiment: the batch at which decode reaches the ridge point."""
+    from llmopt_lab import measure, preset
+    from llmopt_lab.course.grading import check_ridge_batch, decode_intensity, ridge_batch_reference
+
+    cfg = preset("tiny")
+    cpu = measure.DeviceLimits("test CPU", {"fp32": 0.1e12}, bandwidth=25e9, source="measured")
+    ridge = cpu.ridge_point("fp32")  # 4 FLOP/byte
+    b = ridge_batch_reference(cfg, cpu, "fp32", 64)
+    assert b is not None and b > 1
+    assert decode_intensity(cfg, b, 64, "fp32") >= ridge > decode_intensity(cfg, b - 1, 64, "fp32")
+    assert ridge_batch_reference(cfg, cpu, "fp32", 1024) is None  # the KV reads cap the intensity
+
+    answers = check_ridge_batch(lambda c, lim, d, t: ridge_batch_reference(c, lim, d, t),
+                                cfg, cpu, "fp32", [64, 1024])
+    assert answers == {64: b, 1024: None}
+    check_ridge_batch(lambda c, lim, d, t: None if t == 1024 else b + 1, cfg, cpu, "fp32",
+                      [64, 1024])  # one off: an analytic answer may round the other way
+
+
+@pytest.mark.parametrize("answer, says", [
+    (lambda b: 1, "still below the ridge point"),
+    (lambda b: 4 * b, "a smaller batch already reaches it"),
+    (lambda b: None, "already reaches the ridge point"),
+    (lambda b: "eight", "return a batch size"),
+])
+def test_ridge_batch_grader_says_what_is_wrong(answer, says, capsys):
+    from llmopt_lab import measure, preset
+    from llmopt_lab.course.grading import GradingError, check_ridge_batch, ridge_batch_reference
+
+    cfg = preset("tiny")
+    cpu = measure.DeviceLimits("test CPU", {"fp32": 0.1e12}, bandwidth=25e9, source="measured")
+    b = ridge_batch_reference(cfg, cpu, "fp32", 64)
+    with pytest.raises(GradingError, match="1 of 1 cases failed"):
+        check_ridge_batch(lambda *a: answer(b), cfg, cpu, "fp32", [64])
+    assert says in capsys.readouterr().out
+
+
+def test_ridge_batch_grader_never_and_not_implemented(capsys):
+    from llmopt_lab import measure, preset
+    from llmopt_lab.course.grading import GradingError, check_ridge_batch
+
+    cfg = preset("tiny")
+    cpu = measure.DeviceLimits("test CPU", {"fp32": 0.1e12}, bandwidth=25e9, source="measured")
+    with pytest.raises(GradingError):
+        check_ridge_batch(lambda *a: 64, cfg, cpu, "fp32", [1024])
+    assert "never reaches the ridge point" in capsys.readouterr().out
+
+    def blank(*a):
+        raise NotImplementedError("Exercise: the body of blank()")
+
+    with pytest.raises(GradingError) as e:
+        check_ridge_batch(blank, cfg, cpu, "fp32", [64])
+    assert isinstance(e.value.__cause__, NotImplementedError)
+    assert "not implemented yet" in capsys.readouterr().out

@@ -467,3 +467,35 @@ def test_measure_imports_no_technique_and_the_core_no_course():
     core, added = (eval(line) for line in out.stdout.splitlines())
     assert not any(m.startswith(("llmopt_lab.course", "llmopt_lab.measure")) for m in core)
     assert all(m.startswith("llmopt_lab.measure") for m in added), added
+
+
+def test_profiler_native_trace_lines_are_silenced_and_other_stderr_kept(tmp_path):
+    """libkineto writes 'USDT: ... profiler_start/stop' to fd 2 around every
+    profiling session; profile_step and count_launches keep them out, while a
+    real native message written inside the block still reaches stderr."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "prof.py"
+    script.write_text(
+        "import os, torch\n"
+        "from torch.profiler import profile\n"
+        "from llmopt_lab import measure\n"
+        "from llmopt_lab.measure.launches import count_launches\n"
+        "x = torch.randn(32, 32)\n"
+        "with profile():\n"
+        "    x @ x\n"
+        "os.write(2, b'--- unsilenced above ---\\n')\n"
+        "measure.profile_step(lambda: x @ x, steps=2, warmup=1)\n"
+        "count_launches(lambda: x @ x, calls=1)\n"
+        "with measure.quiet_profiler_logs():\n"
+        "    os.write(2, b'a real native error\\n')\n"
+        "print('ok')\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "ok"
+    before, after = run.stderr.split("--- unsilenced above ---")
+    assert "profiler_start" not in after and "USDT" not in after
+    assert "a real native error" in after
+    if "profiler_start" not in before:  # this torch build does not print them: still robust
+        pytest.skip("torch.profiler printed no native trace lines here")

@@ -124,3 +124,30 @@ def test_draws_into_given_axes_and_stamps_own_provenance():
     out = plots.sweep([1, 2], {"a": [1, 2]}, "x", "y", ax=ax)
     assert out is fig
     assert measure.device_name("cpu") in _stamp(fig)  # this process's provenance
+
+
+def test_roofline_of_a_datasheet_says_so_in_its_stamp():
+    """Datasheet roofs drawn on another machine must not read as measured there."""
+    fig = plots.roofline(LIMITS, [("decode b=1", 1.0, 3e12)], provenance=None)
+    text = _stamp(fig)
+    assert text.startswith("datasheet roofs (NVIDIA H100 80GB HBM3); drawn on ")
+    assert measure.device_name("cpu") in text  # the machine that drew it, named as such
+    assert "(datasheet)" in fig.axes[0].get_title()
+    measured = plots.roofline(LIMITS, [("decode b=1", 1.0, 3e12)], provenance=PROV)
+    assert _stamp(measured).startswith("datasheet roofs (NVIDIA H100 80GB HBM3); points measured on "
+                                       "NVIDIA H100")
+    own = measure.DeviceLimits("AMD EPYC", {"fp32": 0.19e12}, bandwidth=37e9, source="measured")
+    assert _stamp(plots.roofline(own, provenance=PROV)) == plots.stamp_text(PROV)
+
+
+def test_roofline_labels_of_close_points_do_not_overlap():
+    limits = measure.DeviceLimits("cpu", {"fp32": 0.19e12}, bandwidth=37e9, source="measured")
+    points = [("prefill b=1 T=256", 40.0, 120e9), ("prefill b=4 T=256", 52.0, 130e9),
+              ("prefill b=1 T=64", 19.0, 78e9), ("decode b=1", 0.5, 3.9e9)]
+    fig = plots.roofline(limits, points, dtypes=["fp32"], provenance=PROV)
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in fig.axes[0].texts]
+    assert [t.get_text() for t in fig.axes[0].texts] == [p[0] for p in points]
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j]), (points[i][0], points[j][0])

@@ -102,3 +102,34 @@ def test_quantization_explorer_and_model_quality():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="2-D"):
         quantization_explorer(torch.zeros(4))
+
+
+@pytest.mark.parametrize("build", ["roofline", "kv", "speculative", "quantization"])
+def test_explorer_display_carries_a_static_fallback(build):
+    """Where no kernel runs the widget (a fresh clone, GitHub), the stored output
+    shows a picture of the default view and a line saying to run the cell,
+    not the widget's 'VBox(children=...' repr."""
+    import base64
+
+    import torch
+
+    from llmopt_lab.course import widgets as wd
+
+    if build == "roofline":
+        box = wd.roofline_explorer(preset("llama-7b"), measure.table_limits("H100 SXM"), "bf16")
+    elif build == "kv":
+        box = wd.kv_memory_explorer({"llama-7b": preset("llama-7b")})
+    elif build == "speculative":
+        box = wd.speculative_explorer({2: 1.5})
+    else:
+        box = wd.quantization_explorer(torch.randn(64, 256, generator=torch.Generator().manual_seed(0)))
+    first_png = box.fallback_png
+    data = box._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in data  # the live widget, in a kernel
+    assert data["text/plain"].startswith(wd.FALLBACK_TEXT)
+    assert "VBox(" not in data["text/plain"] and "<" not in data["text/plain"]
+    assert base64.b64decode(data["image/png"])[:4] == b"\x89PNG"
+    control, value = {"roofline": ("batch", 64), "kv": ("batch", 64), "speculative": ("k", 8),
+                      "quantization": ("bits", 8)}[build]
+    box.controls[control].value = value
+    assert box.fallback_png is first_png  # the default view, not the latest one

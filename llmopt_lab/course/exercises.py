@@ -18,6 +18,21 @@ Grader cells carry the cell tag ``grader``: they call
 :func:`llmopt_lab.course.grading.check` on the learner's function. In a solution
 notebook they pass; in an exercise notebook each of them must fail.
 
+Hints come in tiers, written in the solution notebook as a markdown cell with
+the cell tag ``hints``, placed before the task's code cell: an optional title,
+then one paragraph per tier, each starting with ``Hint:``, from a nudge to the
+idea::
+
+    Hint: which two roofs can bind a step?
+
+    Hint: compute both times and keep the larger one.
+
+In the exercise each tier becomes a collapsed ``<details>`` block ("Hint 1 ·
+a nudge", "Hint 2 · the idea", ...), and the builder adds a last tier that
+points to the solution notebook and the function the task asks for (the
+first solution block after the hints cell), so a learner opens one tier at
+a time. In the solution notebook the cell reads as plain paragraphs.
+
 Command line::
 
     python -m llmopt_lab exercises build    # write exercises/ from solutions/
@@ -36,6 +51,10 @@ JIT = re.compile(r"^[ \t]*@(?:triton\.)?jit\b")
 END = re.compile(r"^[ \t]*### END SOLUTION\s*$")
 DEF = re.compile(r"^(?P<indent>[ \t]*)(?:async\s+)?def\s+(?P<name>\w+)\s*\(")
 GRADER_TAG = "grader"
+HINTS_TAG = "hints"
+HINT = re.compile(r"^Hint(?:\s*\((?P<label>[^)]*)\))?:\s*", re.IGNORECASE)
+#: names of the tiers an author writes, in order; later ones are just numbered
+TIER_NAMES = ("a nudge", "the idea", "more of the idea")
 
 
 class ExerciseFormatError(ValueError):
@@ -111,11 +130,76 @@ def _enclosing_function(lines: list[str], i: int, indent: str) -> str | None:
     return None
 
 
-def make_exercise(solution_nb):
-    """An exercise notebook (nbformat node) from a solution notebook node."""
+def parse_hints(source: str, where: str = "hints cell") -> tuple[str, list[tuple[str, str]]]:
+    """Split a hints cell's markdown into (title, [(label, text), ...]).
+
+    A tier starts at a line ``Hint:`` (or ``Hint (label):``) and runs to the
+    next one. Raises ExerciseFormatError when there is none.
+    """
+    title: list[str] = []
+    tiers: list[tuple[str | None, list[str]]] = []
+    for line in source.split("\n"):
+        m = HINT.match(line)
+        if m:
+            tiers.append((m.group("label"), [line[m.end():]]))
+        elif tiers:
+            tiers[-1][1].append(line)
+        else:
+            title.append(line)
+    if not tiers:
+        raise ExerciseFormatError(f"{where}: a cell tagged '{HINTS_TAG}' needs at least one "
+                                  "paragraph starting with 'Hint:'")
+    out = []
+    for n, (label, lines) in enumerate(tiers):
+        text = "\n".join(lines).strip()
+        if not text:
+            raise ExerciseFormatError(f"{where}: hint {n + 1} is empty")
+        out.append(((label or (TIER_NAMES[n] if n < len(TIER_NAMES) else "")).strip(), text))
+    return "\n".join(title).strip(), out
+
+
+def render_hints(title: str, tiers: list[tuple[str, str]], pointer: str) -> str:
+    """Markdown of collapsed hint tiers (HTML <details>), the pointer last."""
+    parts = [title] if title else []
+    for n, (label, text) in enumerate(tiers + [("the solution", pointer)], start=1):
+        summary = f"Hint {n}" + (f" · {label}" if label else "")
+        parts.append(f"<details><summary>{summary}</summary>\n\n{text}\n\n</details>")
+    return "\n\n".join(parts)
+
+
+def _task_function(cells, start: int) -> str | None:
+    """Name of the function of the first solution block at or after cell ``start``."""
+    for cell in cells[start:]:
+        if cell.cell_type != "code":
+            continue
+        lines = cell.source.split("\n")
+        for i, line in enumerate(lines):
+            m = BEGIN.match(line)
+            if m:
+                return _enclosing_function(lines, i, m.group("indent"))
+    return None
+
+
+def make_exercise(solution_nb, source_name: str | None = None):
+    """An exercise notebook (nbformat node) from a solution notebook node.
+
+    source_name: the solution's file name, for the hints' pointer to it.
+    """
     import copy
 
     nb = copy.deepcopy(solution_nb)
+    where_solution = f"`solutions/{source_name}`" if source_name else "the solution notebook"
+    for n, cell in enumerate(nb.cells):
+        if HINTS_TAG not in cell.metadata.get("tags", []):
+            continue
+        if cell.cell_type != "markdown":
+            raise ExerciseFormatError(f"cell {n}: a cell tagged '{HINTS_TAG}' must be markdown")
+        title, tiers = parse_hints(cell.source, where=f"cell {n}")
+        func = _task_function(nb.cells, n + 1)
+        if func is None:
+            raise ExerciseFormatError(f"cell {n}: hints with no solution block after them")
+        cell.source = render_hints(title, tiers, f"Compare with {where_solution}, the cell that "
+                                                 f"defines `{func}()` (only after trying).")
     total = 0
     for n, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
@@ -144,7 +228,7 @@ def build(solutions: Path, exercises: Path, check_only: bool = False) -> list[st
             raise ExerciseFormatError(f"{src} is not a readable notebook ({type(e).__name__}: "
                                       f"{str(e)[:120]})") from None
         try:
-            ex = make_exercise(solution)
+            ex = make_exercise(solution, source_name=src.name)
         except ExerciseFormatError as e:
             raise ExerciseFormatError(f"{src}: {e}") from None
         text = nbformat.writes(ex) + "\n"

@@ -151,3 +151,165 @@ def _clone(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _clone(v) for k, v in x.items()}
     return x
+
+
+def decode_intensity(config, batch: int, context: int, dtype) -> float:
+    """FLOP/byte of one decode step (``batch`` sequences, one new token each after
+    ``context`` cached tokens): :func:`llmopt_lab.measure.step_cost`'s count."""
+    from .. import measure
+
+    return measure.step_cost(config, batch, 1, context, dtype).intensity
+
+
+def ridge_batch_reference(config, limits, dtype, context: int, max_batch: int = 65536) -> int | None:
+    """The smallest batch (an integer >= 1) whose decode step at ``context``
+    reaches ``limits``' ridge point (intensity >= peak FLOP/s / bandwidth for
+    ``dtype``), or None when no batch up to ``max_batch`` does. The library's
+    answer to lesson 01's experiment; intensity grows with the batch, so a
+    bisection finds it."""
+    ridge = limits.ridge_point(dtype)
+    if decode_intensity(config, max_batch, context, dtype) < ridge:
+        return None
+    lo, hi = 0, max_batch  # intensity(lo) < ridge <= intensity(hi); intensity(0) counts as below
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if decode_intensity(config, mid, context, dtype) >= ridge:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def check_ridge_batch(fn: Callable, config, limits, dtype, contexts, *, max_batch: int = 65536,
+                      rel_tol: float = 0.02, name: str | None = None) -> dict:
+    """Grade a learner's ``fn(config, limits, dtype, context)`` that returns the
+    batch size at which decode reaches the ridge point (or None if it never
+    does), against :func:`ridge_batch_reference`, at each of ``contexts``.
+
+    An answer passes when it is within ``rel_tol`` of the library's batch (at
+    least 1 sequence either way: an analytic solution may round differently).
+    Each case prints ✅ or ❌ with the numbers behind the verdict: the ridge
+    point, the intensity at the returned batch, the smallest batch that reaches
+    it, or where the intensity levels off when none does. Returns {context:
+    the library's batch} when all pass; otherwise raises GradingError.
+    """
+    name = name or getattr(fn, "__name__", "your function")
+    ridge = limits.ridge_point(dtype)
+    failures, first_exc, answers = [], None, {}
+    for context in contexts:
+        label = f"{getattr(config, 'name', 'model')}, {dtype}, context {context}, on {limits.name}"
+        expected = ridge_batch_reference(config, limits, dtype, context, max_batch)
+        answers[context] = expected
+        try:
+            got = fn(config, limits, dtype, context)
+        except NotImplementedError as e:
+            first_exc = first_exc or e
+            failures.append(label)
+            print(f"❌ {label}: not implemented yet ({e})")
+            continue
+        except Exception as e:  # the learner's code crashed: a failed case
+            first_exc = first_exc or e
+            failures.append(label)
+            print(f"❌ {label}: raised {type(e).__name__}: {e}")
+            continue
+        why = _ridge_verdict(config, dtype, context, ridge, expected, got, max_batch, rel_tol)
+        if why is None:
+            print(f"✅ {label}: " + (f"batch {got}" if got is not None else "never (None)"))
+        else:
+            failures.append(label)
+            print(f"❌ {label}: {why}")
+    if failures:
+        msg = f"{name}: {len(failures)} of {len(contexts)} cases failed ({'; '.join(failures)})"
+        if first_exc is not None:
+            raise GradingError(msg) from first_exc
+        raise GradingError(msg)
+    print(f"All {len(contexts)} checks of {name} passed (ridge point {ridge:.3g} FLOP/byte).")
+    return answers
+
+
+def _ridge_verdict(config, dtype, context, ridge, expected, got, max_batch, rel_tol) -> str | None:
+    """None when ``got`` is an acceptable answer, else what is wrong with it."""
+    if got is not None and (isinstance(got, bool) or not isinstance(got, (int, float))
+                            or (isinstance(got, float) and not math.isfinite(got))):
+        return f"return a batch size (a number) or None, got {_short(got)}"
+    if expected is None:
+        if got is None:
+            return None
+        top = decode_intensity(config, max_batch, context, dtype)
+        return (f"you returned {_short(got)}, but decode at context {context} never reaches the "
+                f"ridge point ({ridge:.3g} FLOP/byte): its intensity levels off near {top:.3g} "
+                f"(at batch {max_batch}) because every sequence reads its own KV cache; return None")
+    at_expected = decode_intensity(config, expected, context, dtype)
+    if got is None:
+        return (f"you returned None, but batch {expected} already reaches the ridge point: "
+                f"intensity {at_expected:.3g} >= {ridge:.3g} FLOP/byte")
+    if abs(got - expected) <= max(1.0, rel_tol * expected):
+        return None
+    if got < expected:
+        at_got = decode_intensity(config, max(1, math.ceil(got)), context, dtype)
+        return (f"at batch {_short(got)} the intensity is {at_got:.3g} FLOP/byte, still below the "
+                f"ridge point {ridge:.3g}; expected about {expected} (intensity {at_expected:.3g})")
+    return (f"batch {_short(got)} is past the ridge point, but a smaller batch already reaches it: "
+            f"{expected} (intensity {at_expected:.3g} >= {ridge:.3g} FLOP/byte); return the smallest")
+
+
+def check_kl_budget_plan(fn: Callable, sens, kl_budgets, *, rel_tol: float = 0.02,
+                         name: str | None = None) -> dict:
+    """Grade a learner's mixed-precision planner ``fn(kl, nbytes, kl_budget)``
+    that returns one format index per layer (a list of L integers), for a
+    scan ``sens`` (:class:`~llmopt_lab.transforms.quantize.mixed.Sensitivity`:
+    ``kl`` and ``nbytes`` are (L, F) tensors) at each of ``kl_budgets``.
+
+    A plan passes when its predicted KL (the sum of ``kl[l, f_l]``) is at most
+    the budget and its bytes are within ``rel_tol`` of the fewest possible
+    (:func:`~llmopt_lab.transforms.quantize.mixed.plan_bits`). Each case
+    prints ✅ or ❌ with the bytes and KL behind the verdict. Returns
+    {kl_budget: (optimal bytes, your bytes)} when all pass; otherwise raises
+    GradingError.
+    """
+    from ..transforms.quantize.mixed import plan_bits
+
+    name = name or getattr(fn, "__name__", "your function")
+    L, F = sens.kl.shape
+    failures, first_exc, answers = [], None, {}
+    for budget in kl_budgets:
+        label = f"KL budget {budget:.4g} nats/token"
+        best = plan_bits(sens, kl_budget=budget)
+        try:
+            got = fn(sens.kl.clone(), sens.nbytes.clone(), budget)
+            picks = [int(v) for v in got]
+        except NotImplementedError as e:
+            first_exc = first_exc or e
+            failures.append(label)
+            print(f"❌ {label}: not implemented yet ({e})")
+            continue
+        except Exception as e:  # the learner's code crashed, or returned something else
+            first_exc = first_exc or e
+            failures.append(label)
+            print(f"❌ {label}: raised {type(e).__name__}: {e}")
+            continue
+        if len(picks) != L or any(not 0 <= j < F for j in picks):
+            failures.append(label)
+            print(f"❌ {label}: return {L} format indices, each in 0..{F - 1}; got {_short(got)}")
+            continue
+        kl = sum(float(sens.kl[i, j]) for i, j in enumerate(picks))
+        nbytes = sum(int(sens.nbytes[i, j]) for i, j in enumerate(picks))
+        if kl > budget * (1 + 1e-9) + 1e-12:
+            failures.append(label)
+            print(f"❌ {label}: your plan's predicted KL is {kl:.4g}, over the budget; "
+                  f"upgrade the layers whose KL falls most per extra byte")
+        elif nbytes > best.nbytes * (1 + rel_tol):
+            failures.append(label)
+            print(f"❌ {label}: your plan meets the budget (KL {kl:.4g}) with {nbytes:,} B, but "
+                  f"{best.nbytes:,} B suffice ({100 * (nbytes / best.nbytes - 1):.1f}% more, "
+                  f"tolerance {100 * rel_tol:.0f}%): spend bytes where they cut the most KL")
+        else:
+            answers[budget] = (best.nbytes, nbytes)
+            print(f"✅ {label}: {nbytes:,} B (the fewest: {best.nbytes:,} B), predicted KL {kl:.4g}")
+    if failures:
+        msg = f"{name}: {len(failures)} of {len(kl_budgets)} cases failed ({'; '.join(failures)})"
+        if first_exc is not None:
+            raise GradingError(msg) from first_exc
+        raise GradingError(msg)
+    print(f"All {len(kl_budgets)} checks of {name} passed.")
+    return answers

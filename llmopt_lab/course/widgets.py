@@ -3,16 +3,68 @@
 Builders live here, not in the notebooks, so they are tested in plain pytest:
 setting ``slider.value`` runs the callbacks at once, and each builder keeps
 its latest computed numbers in ``widget.state``.
+
+Each explorer is an :class:`Explorer` box: displayed, it sends the live widget
+and, beside it, a static PNG of its default view and a plain-text line
+(:data:`FALLBACK_TEXT`). A notebook opened without a running kernel (freshly
+cloned, untrusted, on GitHub) shows that picture and line instead of the
+widget's ``VBox(children=...`` repr.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import io
+import re
 from typing import Any
 
 from .. import measure
 from ..config import ModelConfig
 
 POWERS_OF_TWO = [2 ** i for i in range(0, 15)]
+
+#: the plain-text line an explorer's stored output shows where no widget can run
+FALLBACK_TEXT = ("Run this cell to use the interactive explorer "
+                 "(the picture below is its default view).")
+
+_EXPLORER_CLASS = None
+
+
+def _explorer_box(children=()):
+    """A new :class:`Explorer` (an ipywidgets VBox with a static fallback)."""
+    global _EXPLORER_CLASS
+    if _EXPLORER_CLASS is None:
+        import ipywidgets as W
+
+        class Explorer(W.VBox):
+            """A VBox whose display carries, beside the widget view, a PNG of its
+            default view (``fallback_png``) and :data:`FALLBACK_TEXT` plus that
+            view's numbers (``fallback_text``) as text/plain."""
+
+            fallback_png: bytes | None = None
+            fallback_text: str = ""
+
+            def _repr_mimebundle_(self, **kwargs):
+                data = dict(super()._repr_mimebundle_(**kwargs) or {})
+                data["text/plain"] = FALLBACK_TEXT + (
+                    "\nDefault view: " + self.fallback_text if self.fallback_text else "")
+                if self.fallback_png:
+                    data["image/png"] = base64.b64encode(self.fallback_png).decode("ascii")
+                return data
+
+        _EXPLORER_CLASS = Explorer
+    return _EXPLORER_CLASS(children)
+
+
+def _remember_default_view(box, fig, label_html: str) -> None:
+    """Keep the first drawn view (the default settings) as the box's fallback."""
+    if box.fallback_png is not None:
+        return
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=72, bbox_inches="tight")
+    box.fallback_png = buf.getvalue()
+    box.fallback_text = html.unescape(re.sub(r"<[^>]+>", "", label_html))
 
 
 def roofline_point(config: ModelConfig, limits: "measure.DeviceLimits", dtype: Any, phase: str,
@@ -58,7 +110,7 @@ def roofline_explorer(config: ModelConfig, limits: "measure.DeviceLimits", dtype
     phase = W.ToggleButtons(options=["decode", "prefill"], value="decode", description="phase")
     label = W.HTML()
     out = W.Output()
-    box = W.VBox([W.HBox([batch, seq]), phase, label, out])
+    box = _explorer_box([W.HBox([batch, seq]), phase, label, out])
     box.controls = {"batch": batch, "seq": seq, "phase": phase}
     key = measure.dtype_key(dtype)
 
@@ -73,6 +125,7 @@ def roofline_explorer(config: ModelConfig, limits: "measure.DeviceLimits", dtype
         fig = plots.roofline(limits, [(f"{phase.value} b={batch.value}", p["intensity"],
                                        p["attainable_flops"])], dtypes=[key],
                              provenance=provenance, intensity_range=(0.1, 1e5))
+        _remember_default_view(box, fig, label.value)
         with out:
             out.clear_output(wait=True)
             from IPython.display import display
@@ -120,7 +173,7 @@ def kv_memory_explorer(configs: dict[str, ModelConfig]):
                        description="KV dtype")
     label = W.HTML()
     out = W.Output()
-    box = W.VBox([W.HBox([model, dtype]), W.HBox([batch, context]), label, out])
+    box = _explorer_box([W.HBox([model, dtype]), W.HBox([batch, context]), label, out])
     box.controls = {"model": model, "batch": batch, "context": context, "dtype": dtype}
 
     def redraw(_=None):
@@ -140,6 +193,7 @@ def kv_memory_explorer(configs: dict[str, ModelConfig]):
             ax.text(gb, 1.45, g, rotation=90, fontsize=7, va="top", ha="right", color="tab:red")
         ax.set_xscale("log")
         ax.set_xlabel("GB")
+        _remember_default_view(box, fig, label.value)
         with out:
             out.clear_output(wait=True)
             from IPython.display import display
@@ -170,7 +224,7 @@ def speculative_explorer(measured: dict | None = None):
     ratio = W.FloatSlider(value=0.2, min=0.0, max=1.0, step=0.01, description="cost ratio")
     label = W.HTML()
     out = W.Output()
-    box = W.VBox([W.HBox([alpha, k, ratio]), label, out])
+    box = _explorer_box([W.HBox([alpha, k, ratio]), label, out])
     box.controls = {"alpha": alpha, "k": k, "ratio": ratio}
 
     def redraw(_=None):
@@ -190,6 +244,7 @@ def speculative_explorer(measured: dict | None = None):
         ax.set_xlabel("k")
         ax.set_ylabel("speed-up")
         ax.legend()
+        _remember_default_view(box, fig, label.value)
         with out:
             out.clear_output(wait=True)
             from IPython.display import display
@@ -298,7 +353,7 @@ def quantization_explorer(weight, quality_fn=None, name: str = "weight"):
     label = W.HTML()
     out = W.Output()
     rows = [W.HBox([bits, gran]), sym, label, out]
-    box = W.VBox()
+    box = _explorer_box()
     box.controls = {"bits": bits, "granularity": gran, "symmetric": sym}
     if quality_fn is not None:
         button = W.Button(description="measure the model")
@@ -329,6 +384,7 @@ def quantization_explorer(weight, quality_fn=None, name: str = "weight"):
         ax.set_yscale("log")
         ax.set_xlabel("rounding error")
         ax.set_ylabel("weights")
+        _remember_default_view(box, fig, label.value)
         with out:
             out.clear_output(wait=True)
             from IPython.display import display

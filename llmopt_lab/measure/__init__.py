@@ -32,7 +32,7 @@ from .metrics import (ServingStats, bootstrap_interval, kl_divergence, percentil
                       perplexity_from_nll, position_kl, position_nll, ppl_delta_interval,
                       recovery, recovery_interval, serving_stats, speedup_interval,
                       token_nll, top1_agreement)
-from .profile import OpRow, StepProfile, profile_step
+from .profile import OpRow, StepProfile, profile_step, quiet_profiler_logs
 from .results import (default_results_root, device_name, device_slug, load_results, provenance,
                       save_result, user_results_root)
 from .roofline import (StepCost, achieved_fraction, arithmetic_intensity, attainable_flops,
@@ -51,7 +51,7 @@ __all__ = [
     "StepCost", "step_cost", "arithmetic_intensity", "attainable_flops", "roofline_time",
     "achieved_fraction",
     # profiling
-    "OpRow", "StepProfile", "profile_step",
+    "OpRow", "StepProfile", "profile_step", "quiet_profiler_logs",
     # provenance and results
     "provenance", "device_name", "device_slug", "save_result", "load_results",
     "default_results_root", "user_results_root",

@@ -117,13 +117,15 @@ def count_launches(fn: Callable[[], Any], *, calls: int = 3, warmup: int = 1,
     """
     from torch.profiler import ProfilerActivity, profile
 
+    from .profile import quiet_profiler_logs
+
     dev = _device(device)
     cuda = dev.type == "cuda"
     for _ in range(warmup):
         fn()
     synchronize(dev)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with quiet_profiler_logs(), profile(activities=activities) as prof:
         for _ in range(calls):
             fn()
         synchronize(dev)

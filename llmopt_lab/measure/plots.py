@@ -43,10 +43,11 @@ def stamp_text(provenance: dict) -> str:
     return " | ".join(parts)
 
 
-def stamp(fig: Figure, provenance: dict | None = None) -> None:
+def stamp(fig: Figure, provenance: dict | None = None, prefix: str = "") -> None:
     """Write :func:`stamp_text` small and grey in the figure's bottom-right corner
-    (this process's provenance when none is given)."""
-    text = stamp_text(provenance if provenance is not None else results.provenance())
+    (this process's provenance when none is given), after ``prefix`` (e.g. a
+    note that the figures come from a datasheet, not from this machine)."""
+    text = prefix + stamp_text(provenance if provenance is not None else results.provenance())
     engine = fig.get_layout_engine()
     if isinstance(engine, ConstrainedLayoutEngine):
         engine.set(rect=(0, 0.03, 1, 0.97))  # keep the bottom strip for the stamp
@@ -101,18 +102,68 @@ def roofline(limits: DeviceLimits, points: Sequence[tuple[str, float, float]] = 
                 label=f"{d} peak {peaks[d] / scale:.3g} {unit}")
     for label, intensity, achieved in points:
         ax.scatter([intensity], [achieved / scale], zorder=3, label=label)
-        ax.annotate(label, (intensity, achieved / scale), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
     ax.set_xlabel("arithmetic intensity (FLOP/byte)")
     ax.set_ylabel(unit)
-    ax.set_title(title or f"Roofline of {limits.name} ({limits.source})")
+    source = "datasheet" if limits.source == "table" else limits.source
+    ax.set_title(title or f"Roofline of {limits.name} ({source})")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(True, which="both", alpha=0.3)
-    stamp(fig, provenance)
+    prefix = ""
+    if limits.source == "table":
+        # the roofs are a vendor's figures, not a measurement on the machine that drew them
+        prefix = f"datasheet roofs ({limits.name}); " + (
+            "points measured on " if provenance is not None and points else "drawn on ")
+    stamp(fig, provenance, prefix=prefix)
+    _label_points(ax, [(label, x, y / scale) for label, x, y in points])
     return fig
+
+
+#: where a point's label may go, in points from the point: (dx, dy, ha, va),
+#: first choice first (below-right keeps clear of a rising memory roof)
+_LABEL_SPOTS = [(6, -3, "left", "top"), (6, 3, "left", "bottom"), (-6, 3, "right", "bottom"),
+                (-6, -3, "right", "top"), (6, -14, "left", "top"), (6, 14, "left", "bottom"),
+                (-6, 14, "right", "bottom"), (-6, -14, "right", "top"), (0, -8, "center", "top"),
+                (0, 8, "center", "bottom"), (6, -25, "left", "top"), (6, 25, "left", "bottom")]
+
+
+def _label_points(ax: Axes, points: Sequence[tuple[str, float, float]], fontsize: float = 8) -> None:
+    """Annotate each (label, x, y) point, one text per point in the given order,
+    at the first spot of :data:`_LABEL_SPOTS` whose text box (estimated from
+    the label's length) overlaps no marker and no label already placed; the
+    spot it overlaps least when none is free."""
+    fig = ax.figure
+    ax.autoscale_view()
+    if fig.get_layout_engine() is not None:
+        fig.draw_without_rendering()  # settle the layout: positions below are final
+    to_pts = 72.0 / fig.dpi
+    height = fontsize * 1.2
+    where = [tuple(v * to_pts for v in ax.transData.transform((x, y))) for _, x, y in points]
+    # the markers are obstacles too (about 6 points across)
+    placed: list[tuple[float, float, float, float]] = [(px - 4, py - 4, px + 4, py + 4)
+                                                       for px, py in where]
+    for (label, x, y), (px, py) in zip(points, where):
+        width = 0.6 * fontsize * len(label)
+        best = None  # (overlap with what is placed, spot, box): the first free spot, else the least covered
+        for spot in _LABEL_SPOTS:
+            dx, dy, ha, va = spot
+            x0 = px + dx - {"left": 0.0, "center": width / 2, "right": width}[ha]
+            y0 = py + dy - (height if va == "top" else 0)
+            cand = (x0, y0, x0 + width, y0 + height)
+            overlap = sum(max(0.0, min(cand[2], b[2]) - max(cand[0], b[0]))
+                          * max(0.0, min(cand[3], b[3]) - max(cand[1], b[1])) for b in placed)
+            if best is None or overlap < best[0]:
+                best = (overlap, spot, cand)
+            if overlap == 0:
+                break
+        _, (dx, dy, ha, va), box = best
+        placed.append(box)
+        far = abs(dy) > 20  # a label pushed away keeps a thin line to its point
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
+                    fontsize=fontsize,
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if far else None)
 
 
 def speedup_bars(labels: Sequence[str], speedups: Sequence[float], baseline: str = "baseline", *,

@@ -3,13 +3,22 @@
 :func:`profile_step` counts the ops and kernels a step launches and how busy
 the device is (small models at batch 1 are bound by launch overhead, not by
 bandwidth), as a :class:`StepProfile`.
+
+:func:`quiet_profiler_logs` keeps the profiler's native trace lines
+(``USDT: ... profiler_start`` / ``profiler_stop``, written by libkineto straight
+to file descriptor 2) out of notebooks and command output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+import re
 import statistics
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,7 +28,62 @@ import torch
 from .results import device_name
 from .timing import _device, synchronize
 
-__all__ = ["OpRow", "StepProfile", "profile_step"]
+#: native lines of libkineto that say nothing to a reader: its trace probes
+#: (``USDT:... profiler_start``) and its start-up notice
+_NOISE = re.compile(r"^(USDT:.*\] profiler_(start|stop)|INFO:.*\] Registering daemon config loader.*)\s*$")
+
+
+def _flush_c_stdio() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to flush (e.g. some Windows builds)
+        pass
+
+
+@contextlib.contextmanager
+def quiet_profiler_logs():
+    """Inside this block, torch.profiler's native trace lines do not reach stderr.
+
+    libkineto writes them from C++ to file descriptor 2, under Python's
+    ``sys.stderr``, so no Python setting hides them. The block points fd 2 at
+    a temporary file, and on leaving (always, also on an exception) restores
+    it and writes back every captured line except the trace probes
+    (``USDT: ... profiler_start|stop``) and kineto's start-up notice, so a
+    real error message from native code still shows. Where fd 2 cannot be
+    redirected (no such descriptor), the block does nothing.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        capture = tempfile.TemporaryFile(mode="w+b")
+    except OSError:  # nowhere to capture to: leave stderr as it is
+        os.close(saved)
+        yield
+        return
+    try:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            _flush_c_stdio()
+            os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+        capture.seek(0)
+        text = capture.read().decode("utf-8", "replace")
+        capture.close()
+        kept = [line for line in text.splitlines(keepends=True) if not _NOISE.match(line)]
+        if kept:
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+__all__ = ["OpRow", "StepProfile", "profile_step", "quiet_profiler_logs"]
 
 
 @dataclass
@@ -135,7 +199,7 @@ def profile_step(fn: Callable[[], Any], *, steps: int = 5, warmup: int = 2, devi
     for _ in range(warmup):
         fn()
     synchronize(dev)
-    with profile(activities=activities):
+    with quiet_profiler_logs(), profile(activities=activities):
         fn()
         synchronize(dev)
     walls = []
@@ -147,7 +211,7 @@ def profile_step(fn: Callable[[], Any], *, steps: int = 5, warmup: int = 2, devi
         synchronize(dev)
         walls.append((time.perf_counter() - t0) / steps)
     wall = statistics.median(walls)
-    with profile(activities=activities) as prof:
+    with quiet_profiler_logs(), profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             fn()
