@@ -37,6 +37,15 @@ from ..weights import ZOO, load_model
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K in, N out)
 
+#: part (d), below four bits on llmopt-tiny: RTN, GPTQ and QAT at each bit width (groups of 64,
+#: the same bytes), and mixed precision against uniform bits at the same bytes
+LOWBIT = dict(bits=[4, 3, 2], group_size=64, qat_bits=[2], qat_steps=150, qat_lr=2e-4,
+              qat_sequences=512, qat_len=257, scan_formats=[(8, None), (4, 64), (3, 64), (2, 64)],
+              scan_sequences=8, scan_len=256, mixed_budgets=[(3, 64), (4, 64)])
+LOWBIT_QUICK = dict(LOWBIT, bits=[3], qat_bits=[3], qat_steps=4, qat_sequences=8, qat_len=33,
+                    scan_formats=[(8, None), (3, 64)], scan_sequences=2, scan_len=32,
+                    mixed_budgets=[(3, 64)])
+
 SIZES = {
     # seconds on a CPU, for tests
     "quick": dict(kernel_shapes=[(256, 384)], kernel_rows=[1, 16], sweep=False,
@@ -63,6 +72,12 @@ SIZES = {
                  formats=[], decode_batches=[], context=0, steps=0,
                  quality_model="smollm2-135m", eval_windows=48, eval_window=256,
                  calib_sequences=32, calib_len=256, quality_methods="real", planted=False),
+    # (d) only: below four bits on llmopt-tiny (QAT fine-tunes: ~10 minutes on a 2-core CPU)
+    "lowbit": dict(lowbit=LOWBIT, quality_model="llmopt-tiny", eval_windows=None, eval_window=None,
+                   calib_sequences=64, calib_len=256),
+    # (d) in seconds, for tests
+    "lowbit-quick": dict(lowbit=LOWBIT_QUICK, quality_model="synthetic:tiny", eval_windows=4,
+                         eval_window=64, calib_sequences=4, calib_len=64),
 }
 
 #: part (c) on SmolLM2-135M (hidden 576: int4 groups of 64, not 128, divide its layers)
@@ -465,6 +480,157 @@ def measure_quality(p: dict, device, progress=None) -> dict:
                 outliers=outliers, planted=dict(PLANTED, channels=channels, rows=planted))
 
 
+# ================================================================= (d) below four bits
+def _token_batches(tok, model, sequences: int, length: int, seed: int) -> list[torch.Tensor]:
+    """Training-split windows (random tokens without a tokenizer)."""
+    from ..transforms.calibration import calibration_batches, training_calibration_set
+
+    if tok is not None:
+        return training_calibration_set(tok, sequences, length, seed=seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    stream = torch.randint(0, model.config.vocab_size, (sequences * length * 2,), generator=g)
+    return calibration_batches(stream, sequences, length)
+
+
+def measure_lowbit(p: dict, device, progress=None) -> dict:
+    """Part (d): below four bits on the quality model.
+
+    * At each bit width (groups of 64, the int4 container): RTN, GPTQ and,
+      at the widths in ``qat_bits``, QAT (distilled from the float model on
+      training-split text); the share of RTN's perplexity increase each
+      recovers, QAT against GPTQ (paired interval), all at the same bytes.
+    * Mixed precision: a sensitivity scan, then the plan with the least
+      predicted KL within the bytes of uniform b bits, against uniform b bits
+      (paired interval); and the fewest bytes whose predicted KL meets the KL
+      uniform 4-bit measures.
+    """
+    import time
+
+    from ..measure.metrics import ppl_delta_interval, recovery, recovery_interval
+    from ..transforms import compare_quality, quantize_model as quantize
+    from ..transforms.quantize.mixed import (format_name, layer_sensitivity, mixed_model_bytes,
+                                             plan_bits)
+
+    lb = p["lowbit"]
+    g = lb["group_size"]
+    name, base, tok, note = _load(p["quality_model"], device, "float32")
+    ids, lengths, calib, data_note = quality_data(base, tok, p)
+    train = _token_batches(tok, base, lb["qat_sequences"], lb["qat_len"], seed=1)
+    rows: dict[str, dict] = {}
+
+    def score(label, q, **extra):
+        if progress:
+            progress(f"lowbit {label}")
+        res = compare_quality(base, q, ids, lengths, per_window=True)
+        res.update(label=label, packed_bytes=mixed_model_bytes(q), **extra)
+        res["ppl_delta_pct_ci90"] = list(ppl_delta_interval(res["windows"]["nll_ref"],
+                                                            res["windows"]["nll"],
+                                                            res["windows"]["tokens"]))
+        rows[label] = res
+        return res
+
+    for bits in lb["bits"]:
+        score(f"RTN {bits}-bit", quantize(base, "int4", copy=True, group_size=g, bits=bits),
+              method="int4", bits=bits)
+        if progress:
+            progress(f"lowbit GPTQ {bits}-bit")
+        t0 = time.perf_counter()
+        q = quantize(base, "gptq", copy=True, group_size=g, bits=bits, calibration=calib)
+        score(f"GPTQ {bits}-bit", q, method="gptq", bits=bits, seconds=time.perf_counter() - t0)
+        if bits in lb["qat_bits"]:
+            if progress:
+                progress(f"lowbit QAT {bits}-bit ({lb['qat_steps']} steps)")
+            t0 = time.perf_counter()
+            q = quantize(base, "qat", copy=True, group_size=g, bits=bits, calibration=train,
+                         steps=lb["qat_steps"], lr=lb["qat_lr"])
+            score(f"QAT {bits}-bit", q, method="qat", bits=bits, seconds=time.perf_counter() - t0,
+                  train_tokens=lb["qat_steps"] * train[0].numel(),
+                  kd_loss_first=q.quantization["kd_loss_first"],
+                  kd_loss_last=q.quantization["kd_loss_last"])
+        del q
+    W = lambda lab: rows[lab]["windows"]
+    for bits in lb["bits"]:
+        rtn = rows[f"RTN {bits}-bit"]
+        for kind in ("GPTQ", "QAT"):
+            r = rows.get(f"{kind} {bits}-bit")
+            if r is None:
+                continue
+            if rtn["ppl"] > rtn["ppl_ref"]:
+                r["recovered"] = recovery(rtn["ppl_ref"], rtn["ppl"], r["ppl"])
+                r["recovered_ci90"] = list(recovery_interval(
+                    W(r["label"])["nll_ref"], W(rtn["label"])["nll"], W(r["label"])["nll"],
+                    W(r["label"])["tokens"]))
+        qat, gptq = rows.get(f"QAT {bits}-bit"), rows.get(f"GPTQ {bits}-bit")
+        if qat and gptq:
+            qat["vs_gptq_pct"] = 100.0 * (qat["ppl"] / gptq["ppl"] - 1)
+            qat["vs_gptq_pct_ci90"] = list(ppl_delta_interval(W(gptq["label"])["nll"],
+                                                              W(qat["label"])["nll"],
+                                                              W(qat["label"])["tokens"]))
+
+    # mixed precision
+    if progress:
+        progress("lowbit sensitivity scan")
+    scan_batches = _token_batches(tok, base, lb["scan_sequences"], lb["scan_len"], seed=2)
+    t0 = time.perf_counter()
+    sens = layer_sensitivity(base, scan_batches, formats=lb["scan_formats"])
+    scan_seconds = time.perf_counter() - t0
+    mixed = []
+    for fmt in lb["mixed_budgets"]:
+        fmt = tuple(fmt)
+        budget = sens.uniform_bytes(fmt)
+        plan = plan_bits(sens, byte_budget=budget)
+        uni_label = f"RTN {fmt[0]}-bit"
+        if uni_label not in rows:
+            score(uni_label, quantize(base, "int4", copy=True, group_size=g, bits=fmt[0]),
+                  method="int4", bits=fmt[0])
+        uni = rows[uni_label]
+        r = score(f"mixed @ {fmt[0]}-bit bytes", quantize(base, "mixed", copy=True, plan=plan),
+                  method="mixed", bits=None, formats=plan.counts())
+        r["vs_uniform_pct"] = 100.0 * (r["ppl"] / uni["ppl"] - 1)
+        r["vs_uniform_pct_ci90"] = list(ppl_delta_interval(W(uni_label)["nll"], W(r["label"])["nll"],
+                                                           W(r["label"])["tokens"]))
+        mixed.append(dict(budget_format=format_name(fmt), budget_bytes=budget, label=r["label"],
+                          uniform=uni_label, plan_bytes=plan.nbytes, predicted_kl=plan.predicted_kl,
+                          uniform_predicted_kl=sens.uniform_kl(fmt), measured_kl=r["kl"],
+                          uniform_measured_kl=uni["kl"], formats=plan.counts(),
+                          assignment={k: list(v) for k, v in plan.assignment.items()}))
+    kl_target = None
+    if "RTN 4-bit" in rows and (4, g) in sens.formats:
+        kl_target = dict(kl_budget=rows["RTN 4-bit"]["kl"], uniform_bytes=sens.uniform_bytes((4, g)))
+        plan = plan_bits(sens, kl_budget=kl_target["kl_budget"])
+        r = score("mixed @ 4-bit KL", quantize(base, "mixed", copy=True, plan=plan), method="mixed",
+                  bits=None, formats=plan.counts())
+        kl_target.update(plan_bytes=plan.nbytes, predicted_kl=plan.predicted_kl, measured_kl=r["kl"],
+                         formats=plan.counts(), label=r["label"])
+    checks = {}
+    for bits in lb["qat_bits"]:
+        q = rows.get(f"QAT {bits}-bit")
+        if q is None or "recovered" not in q:
+            continue
+        rec, (lo, hi) = q["recovered"], q["recovered_ci90"]
+        checks[f"QAT {bits}-bit recovers >= 50% of RTN's ppl increase"] = verdict(rec, (lo, hi), 0.5) \
+            + f": {rec:.0%} [{lo:.0%}, {hi:.0%}]"
+        if "vs_gptq_pct" in q:
+            v, (lo, hi) = q["vs_gptq_pct"], q["vs_gptq_pct_ci90"]
+            checks[f"QAT {bits}-bit perplexity below GPTQ {bits}-bit's (same bytes)"] = (
+                f"{'met' if hi < 0 else 'missed' if lo > 0 else 'unclear'}: {v:+.1f}% [{lo:+.1f}, {hi:+.1f}]")
+    for m in mixed:
+        r = rows[m["label"]]
+        v, (lo, hi) = r["vs_uniform_pct"], r["vs_uniform_pct_ci90"]
+        checks[f"mixed precision below uniform {m['budget_format']}'s perplexity at its bytes"] = (
+            f"{'met' if hi < 0 else 'missed' if lo > 0 else 'unclear'}: {v:+.1f}% [{lo:+.1f}, {hi:+.1f}]")
+    for r in rows.values():
+        del r["windows"]
+    return dict(model=name, note=note, data=data_note, eval_tokens=next(iter(rows.values()))["tokens"],
+                calibration_tokens=sum(b.numel() for b in calib),
+                qat_train_tokens_per_step=train[0].numel(), settings=dict(lb),
+                rows=list(rows.values()),
+                scan=dict(layers=sens.layers, formats=[format_name(f) for f in sens.formats],
+                          kl=sens.kl.tolist(), nbytes=sens.nbytes.tolist(), tokens=sens.tokens,
+                          seconds=scan_seconds),
+                mixed=mixed, kl_target=kl_target, checks=checks)
+
+
 # ========================================================================== run
 def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
     """Run the lesson 03 benchmark at a named size; returns a JSON-able dict."""
@@ -481,6 +647,10 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
         bar.update()
 
     torch.manual_seed(0)
+    if "lowbit" in p:  # part (d) alone
+        out["lowbit"] = measure_lowbit(p, dev, note)
+        bar.close()
+        return out
     if dev.type == "cuda" and p["kernel_shapes"]:
         out["kernels"] = measure_kernels(p["kernel_shapes"], p["kernel_rows"], dev, limits,
                                          p["sweep"], note)
@@ -495,6 +665,19 @@ def run(size: str = "cpu", device=None, progress: bool = True) -> dict:
 
 def summary_rows(result: dict) -> list[dict]:
     rows = []
+    lowbit = result.get("lowbit")
+    if lowbit:
+        for r in lowbit["rows"]:
+            note = f"{r['ppl_delta_pct']:+.1f}% [{r['ppl_delta_pct_ci90'][0]:+.1f}, " \
+                   f"{r['ppl_delta_pct_ci90'][1]:+.1f}] KL {r['kl']:.3f}"
+            if "recovered" in r:
+                note += " recovered {:.0%} [{:.0%}, {:.0%}]".format(r["recovered"], *r["recovered_ci90"])
+            if "vs_uniform_pct" in r:
+                note += " vs uniform {:+.1f}% [{:+.1f}, {:+.1f}]".format(r["vs_uniform_pct"],
+                                                                        *r["vs_uniform_pct_ci90"])
+            rows.append({"part": "below 4 bits", "case": lowbit["model"], "variant": r["label"],
+                         "value": r["ppl"], "unit": "ppl", "vs base": None,
+                         "note": f"{r['packed_bytes'] / 2**20:.2f} MiB; " + note})
     for r in result.get("kernels", []):
         if "sweep" in r and not r.get("best_of_sweep"):
             continue
@@ -540,6 +723,17 @@ def summary_rows(result: dict) -> list[dict]:
 def summary_text(result: dict) -> str:
     """The quality targets in words: each check, and the noise behind the
     perplexity figures (90% bootstrap intervals over the scored windows)."""
+    lowbit = result.get("lowbit")
+    if lowbit:
+        lines = [f"below four bits on {lowbit['model']} ({lowbit['eval_tokens']} held-out tokens; "
+                 "intervals: 90% bootstrap over windows):"]
+        lines += [f"  {k}: {v}" for k, v in lowbit["checks"].items()]
+        kt = lowbit.get("kl_target")
+        if kt:
+            lines.append(f"  fewest bytes with predicted KL <= uniform 4-bit's ({kt['kl_budget']:.4f}): "
+                         f"{kt['plan_bytes'] / 2**20:.2f} MiB vs {kt['uniform_bytes'] / 2**20:.2f} MiB "
+                         f"(measured KL {kt['measured_kl']:.4f})")
+        return "\n".join(lines)
     q = result.get("quality", {})
     if not q:
         return ""
@@ -564,6 +758,8 @@ def plot(result: dict, provenance: dict):
                                   title="Quantized matmul kernels: speed-up over bf16")
     from matplotlib.figure import Figure
 
+    if "lowbit" in result:
+        return plot_lowbit(result["lowbit"], provenance)
     rows = [r for r in result["quality"]["rows"] if r["method"] != "none"]
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
@@ -579,4 +775,38 @@ def plot(result: dict, provenance: dict):
     ax.set_title(f"Quantization quality on {result['quality']['model']}")
     ax.axhline(0, color="k", lw=0.8)
     plots.stamp(fig, provenance)
+    return fig
+
+
+def plot_lowbit(lowbit: dict, provenance: dict | None = None):
+    """Perplexity against packed bytes of the decoder's linear layers: RTN,
+    GPTQ and QAT at each bit width, and mixed precision (90% intervals)."""
+    from matplotlib.figure import Figure
+
+    from ..measure import plots
+
+    fig = Figure(figsize=(6.6, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    style = {"int4": ("RTN", "o", "tab:gray"), "gptq": ("GPTQ", "s", "tab:blue"),
+             "qat": ("QAT", "^", "tab:green"), "mixed": ("mixed precision", "D", "tab:red")}
+    for method, (name, marker, color) in style.items():
+        rs = sorted((r for r in lowbit["rows"] if r["method"] == method), key=lambda r: r["packed_bytes"])
+        if not rs:
+            continue
+        x = [r["packed_bytes"] / 2**20 for r in rs]
+        y = [r["ppl"] for r in rs]
+        lo = [r["ppl_ref"] * (1 + r["ppl_delta_pct_ci90"][0] / 100) for r in rs]
+        hi = [r["ppl_ref"] * (1 + r["ppl_delta_pct_ci90"][1] / 100) for r in rs]
+        ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]],
+                    marker=marker, color=color, label=name, capsize=3,
+                    linestyle="-" if method != "mixed" else "none")
+    ref = lowbit["rows"][0]["ppl_ref"]
+    ax.axhline(ref, color="k", lw=0.8, ls=":", label=f"float32 ({ref:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder linear layers, packed (MiB)")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_title(f"Below four bits on {lowbit['model']}: same bytes, different methods")
+    ax.legend(fontsize=8)
+    if provenance:
+        plots.stamp(fig, provenance)
     return fig

@@ -99,7 +99,7 @@ def split_rows_of_linear(linear: nn.Module, rows: slice) -> nn.Module:
     if type(linear) is Int4Linear:
         w = Int4Weight(linear.packed[:, rows].contiguous(), linear.scales[:, rows].contiguous(),
                        linear.zeros[:, rows].contiguous(), linear.group_size)
-        return Int4Linear(w, bias, linear.input_scale, backend=linear.backend)
+        return Int4Linear(w, bias, linear.input_scale, backend=linear.backend, bits=linear.bits)
     raise ParallelError(f"tensor parallelism supports nn.Linear, Int8Linear and Int4Linear, "
                         f"not {type(linear).__name__}: apply it before other transforms or "
                         "undo them (e.g. unfuse) first")
@@ -135,7 +135,7 @@ def split_cols_of_linear(linear: nn.Module, cols: slice, keep_bias: bool) -> nn.
         w = Int4Weight(linear.packed[start // 2:stop // 2].contiguous(),
                        linear.scales[start // g:stop // g].contiguous(),
                        linear.zeros[start // g:stop // g].contiguous(), g)
-        return Int4Linear(w, bias, in_scale, backend=linear.backend)
+        return Int4Linear(w, bias, in_scale, backend=linear.backend, bits=linear.bits)
     raise ParallelError(f"tensor parallelism supports nn.Linear, Int8Linear and Int4Linear, "
                         f"not {type(linear).__name__}")
 

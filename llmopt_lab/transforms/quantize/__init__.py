@@ -15,7 +15,9 @@ One module per concern, each importing only those above it:
 * :mod:`.calibration`: calibration batches and per-layer input statistics;
 * the methods, each registering itself: :mod:`.rtn` ("int8", "int4", "w8a8",
   "fp8"), :mod:`.gptq` ("gptq"), :mod:`.awq` ("awq"), :mod:`.smoothquant`
-  ("smoothquant");
+  ("smoothquant"), :mod:`.qat` ("qat": quantization-aware training with a
+  straight-through estimator), :mod:`.mixed` ("mixed": a format per layer,
+  planned from a sensitivity scan under a byte budget);
 * :mod:`.transform`: :func:`quantize`, which checks its arguments and runs the
   method it finds in the registry; :mod:`.quality`: bytes and quality against
   the float model.
@@ -42,7 +44,11 @@ from .registry import QuantMethod, get_method, method_names, register_method
 from .transform import linear_layers, quantize
 
 # the built-in methods register themselves on import, in this order
-from . import rtn, gptq, awq, smoothquant  # noqa: E402,F401  (isort: skip)
+from . import rtn, gptq, awq, smoothquant, qat, mixed  # noqa: E402,F401  (isort: skip)
+from .formats import LOW_BITS, packed_nbytes  # noqa: E402
+from .mixed import (MixedPlan, Sensitivity, layer_sensitivity, mixed_model_bytes,  # noqa: E402
+                    plan_bits)
+from .qat import FakeQuantLinear, convert_qat, prepare_qat, ste_fake_quantize  # noqa: E402
 
 #: the built-in methods (:func:`method_names` also lists any registered later)
 METHODS = method_names()
@@ -56,5 +62,7 @@ __all__ = [
     "FP8Linear", "fp8_support", "quantize_fp8", "fake_quantize_fp8", "linear_layers",
     "replace_module", "set_backend", "quantize", "model_bytes", "bytes_breakdown",
     "compare_quality", "layer_output_error", "GROUP_SIZES", "DECODER_LINEARS", "FP8_DTYPE",
-    "FP8_MAX", "QuantMethod", "register_method", "get_method", "method_names",
+    "FP8_MAX", "QuantMethod", "register_method", "get_method", "method_names", "LOW_BITS",
+    "packed_nbytes", "MixedPlan", "Sensitivity", "layer_sensitivity", "mixed_model_bytes",
+    "plan_bits", "FakeQuantLinear", "convert_qat", "prepare_qat", "ste_fake_quantize",
 ]

@@ -35,6 +35,8 @@ from ...kernels.quant_matmul import GROUP_SIZES
 from ...kernels.reference import dequantize_int4_ref, pack_int4_ref, unpack_int4_ref
 
 GRANULARITIES = ("tensor", "channel", "group")
+#: code widths the int4 container takes (fewer levels, same 4-bit slots)
+LOW_BITS = (2, 3, 4)
 
 pack_int4 = pack_int4_ref
 unpack_int4 = unpack_int4_ref
@@ -249,25 +251,53 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     return Int8Weight(qt.q.to(torch.int8).contiguous(), qt.scale.float().contiguous())
 
 
+def check_low_bits(bits: int) -> int:
+    """Raise QuantizationError unless ``bits`` is 2, 3 or 4: the code widths the
+    int4 container holds (codes in [0, 2^bits - 1], stored in 4-bit slots)."""
+    if isinstance(bits, bool) or bits not in LOW_BITS:
+        raise QuantizationError(f"bits must be one of {LOW_BITS} for the int4 format "
+                                f"(codes stored in 4-bit slots), got {bits!r}")
+    return bits
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int = 128,
-                  clip_ratio: float | torch.Tensor = 1.0) -> Int4Weight:
+                  clip_ratio: float | torch.Tensor = 1.0, bits: int = 4) -> Int4Weight:
     """Asymmetric per-group int4, round to nearest (RTN), of a (N, K) weight.
 
     clip_ratio: scalar or (N, K // group_size) range shrink factors (AWQ's clip
-    search). Raises QuantizationError for an unsupported group size or K not
-    a multiple of it.
+    search). bits: 4 (16 levels), or 3 / 2 (8 / 4 levels, codes in
+    [0, 2^bits - 1]) in the same packed container, so the same kernels run
+    them; their *packed* size, had they their own kernels, is
+    :func:`packed_nbytes`. Raises QuantizationError for an unsupported group
+    size or bit width, or K not a multiple of the group size.
     """
     check_group_size(group_size, weight.shape[-1])
-    qt = quantize_tensor(weight, bits=4, symmetric=False, granularity="group",
+    check_low_bits(bits)
+    qt = quantize_tensor(weight, bits=bits, symmetric=False, granularity="group",
                          group_size=group_size, clip_ratio=clip_ratio)
     return Int4Weight.from_codes(qt.q, qt.scale, qt.zero, group_size)
 
 
-def int4_group_params(w: torch.Tensor, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def int4_group_params(w: torch.Tensor, clip_ratio: float = 1.0,
+                      bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (each (N,), float32) of one group of columns w (N, G):
-    the affine int4 grid :func:`quantize_int4` would use (GPTQ calls this)."""
-    qt = quantize_tensor(w, bits=4, symmetric=False, granularity="channel", clip_ratio=clip_ratio)
+    the affine grid of ``bits`` bits :func:`quantize_int4` would use (GPTQ calls this)."""
+    qt = quantize_tensor(w, bits=bits, symmetric=False, granularity="channel", clip_ratio=clip_ratio)
     return qt.scale.float(), qt.zero.float()
+
+
+def packed_nbytes(out_features: int, in_features: int, bits: int, group_size: int | None = None,
+                  param_bytes: int = 5) -> int:
+    """Bytes of a (N, K) weight stored at ``bits`` bits per code, packed with no
+    slack, plus ``param_bytes`` per group (a float32 scale and a uint8 zero
+    point: 5) or per output channel when ``group_size`` is None: what a
+    format with its own kernel would need. bits/weight = bits + 8 *
+    param_bytes / group_size. Raises QuantizationError for bad sizes."""
+    for v, what in ((out_features, "out_features"), (in_features, "in_features"), (bits, "bits")):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise QuantizationError(f"{what} must be a positive integer, got {v!r}")
+    groups = in_features // group_size if group_size else 1
+    return -(-out_features * in_features * bits // 8) + out_features * groups * param_bytes
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -318,5 +348,5 @@ __all__ = [
     "QuantizationError", "GRANULARITIES", "GROUP_SIZES", "qrange", "QTensor", "quantize_tensor",
     "dequantize", "fake_quantize", "quantization_error", "pack_int4", "unpack_int4",
     "check_group_size", "Int8Weight", "Int4Weight", "quantize_int8", "quantize_int4",
-    "int4_group_params", "FP8_DTYPE", "FP8_MAX", "fp8_support", "quantize_fp8", "fake_quantize_fp8",
+    "int4_group_params", "LOW_BITS", "check_low_bits", "packed_nbytes", "FP8_DTYPE", "FP8_MAX", "fp8_support", "quantize_fp8", "fake_quantize_fp8",
 ]

@@ -41,7 +41,7 @@ import torch.nn as nn
 from ...errors import QuantizationError
 from ..surgery import num_blocks, replace_module
 from .calibration import as_batches, collect_input_stats, decoder_groups
-from .formats import Int4Weight, check_group_size, int4_group_params
+from .formats import Int4Weight, check_group_size, check_low_bits, int4_group_params
 from .layers import Int4Linear
 from .registry import register_method
 
@@ -79,29 +79,29 @@ def gptq_prepare(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, tor
 
 
 def gptq_column_update(W: torch.Tensor, U: torch.Tensor, j: int, scale: torch.Tensor,
-                       zero: torch.Tensor, inplace: bool = False):
+                       zero: torch.Tensor, inplace: bool = False, qmax: int = QMAX):
     """One GPTQ step: quantize column j of W and spread its error onto the
     columns after it.
 
     W: (N, K) float32 current weights (columns < j already quantized, columns
     >= j updated by the earlier steps); U: (K, K) upper Cholesky factor of the
     damped H^-1 (:func:`gptq_prepare`; or its diagonal block for the columns
-    W holds); scale, zero: (N,) the int4 grid of column j's group.
-    Does::
+    W holds); scale, zero: (N,) the int4 grid of column j's group; qmax: the
+    largest code (15 at 4 bits, 2^bits - 1 below). Does::
 
-        q   = clamp(round(W[:, j] / scale) + zero, 0, 15)      # codes
+        q   = clamp(round(W[:, j] / scale) + zero, 0, qmax)    # codes
         dq  = (q - zero) * scale                               # the value kept
         err = (W[:, j] - dq) / U[j, j]
         W[:, j+1:] -= err[:, None] * U[j, j+1:][None, :]       # compensate
         W[:, j] = dq
 
     Returns (W_new, codes, err): W_new (N, K) (W itself when ``inplace``, else
-    a new tensor), codes (N,) float32 in [0, 15], err (N,) the scaled error.
+    a new tensor), codes (N,) float32 in [0, qmax], err (N,) the scaled error.
     """
     if not inplace:
         W = W.clone()
     w = W[:, j].clone()
-    codes = torch.clamp(torch.round(w / scale) + zero, 0, QMAX)
+    codes = torch.clamp(torch.round(w / scale) + zero, 0, qmax)
     dq = (codes - zero) * scale
     err = (w - dq) / U[j, j]
     W[:, j + 1:] -= err[:, None] * U[j, j + 1:][None, :]
@@ -122,7 +122,7 @@ class GPTQResult:
 @torch.no_grad()
 def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, group_size: int = 128,
                         damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                        static_groups: bool = False) -> GPTQResult:
+                        static_groups: bool = False, bits: int = 4) -> GPTQResult:
     """GPTQ of one linear layer into the int4 format (asymmetric, per group).
 
     W: (N, K) weight (any float dtype; computed in float32 on its device);
@@ -130,10 +130,14 @@ def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, group_size: int = 128,
     32/64/128/256, dividing K. block_size: columns per lazy-update block
     (rounded up to a multiple of group_size; the result does not depend on
     it beyond float rounding). act_order / static_groups: see the module doc.
-    Returns a :class:`GPTQResult`. Raises QuantizationError on bad shapes.
+    bits: 4, or 3 / 2 (fewer levels in the same container, see
+    :func:`~llmopt_lab.transforms.quantize.formats.quantize_int4`).
+    Returns a :class:`GPTQResult`. Raises QuantizationError on bad shapes or bits.
     """
     N, K = W.shape
     check_group_size(group_size, K)
+    check_low_bits(bits)
+    qmax = 2 ** bits - 1
     if H.shape != (K, K):
         raise QuantizationError(f"H has shape {tuple(H.shape)}, expected ({K}, {K})")
     Wf = W.detach().float().clone()
@@ -144,7 +148,8 @@ def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, group_size: int = 128,
         scales = torch.empty(N, n_groups, device=Wf.device)
         zeros = torch.empty(N, n_groups, device=Wf.device)
         for g in range(n_groups):
-            scales[:, g], zeros[:, g] = int4_group_params(Wf[:, g * group_size:(g + 1) * group_size])
+            scales[:, g], zeros[:, g] = int4_group_params(Wf[:, g * group_size:(g + 1) * group_size],
+                                                          bits=bits)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(Hf), descending=True)
@@ -167,8 +172,9 @@ def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, group_size: int = 128,
             j = b0 + i
             g = col_group[j]
             if not static and j % group_size == 0:  # a new group: its grid from the updated weights
-                scales[:, g], zeros[:, g] = int4_group_params(W1[:, i:i + group_size])
-            W1, q, err = gptq_column_update(W1, U1, i, scales[:, g], zeros[:, g], inplace=True)
+                scales[:, g], zeros[:, g] = int4_group_params(W1[:, i:i + group_size], bits=bits)
+            W1, q, err = gptq_column_update(W1, U1, i, scales[:, g], zeros[:, g], inplace=True,
+                                            qmax=qmax)
             codes[:, j] = q
             E1[:, i] = err
         Wf[:, b0:b1] = W1
@@ -185,7 +191,7 @@ def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, group_size: int = 128,
 def gptq_quantize_model(model: nn.Module, calibration, group_size: int = 128, damp: float = 0.01,
                         act_order: bool = False, block_size: int = 128,
                         static_groups: bool = False, include_lm_head: bool = False,
-                        backend: str = "auto", progress: bool = False) -> nn.Module:
+                        backend: str = "auto", progress: bool = False, bits: int = 4) -> nn.Module:
     """GPTQ every decoder block's linear layers in place (and the lm_head when
     asked), block by block: the inputs of block i are computed by the model
     whose blocks 0..i-1 are already quantized, so each block learns to
@@ -197,8 +203,9 @@ def gptq_quantize_model(model: nn.Module, calibration, group_size: int = 128, da
         from tqdm.auto import tqdm
 
         layers = tqdm(layers, desc="gptq", leave=False)
+    check_low_bits(bits)
     kw = dict(group_size=group_size, damp=damp, block_size=block_size, act_order=act_order,
-              static_groups=static_groups)
+              static_groups=static_groups, bits=bits)
     for i in layers:
         groups = decoder_groups(model, i)
         stats = collect_input_stats(model, batches, {g.names[0]: g.modules[0] for g in groups},
@@ -207,16 +214,16 @@ def gptq_quantize_model(model: nn.Module, calibration, group_size: int = 128, da
             H = stats[g.names[0]].hessian
             for name, m in zip(g.names, g.modules):
                 res = gptq_quantize_layer(m.weight, H, **kw)
-                replace_module(model, name, Int4Linear(res.weight, m.bias, backend=backend))
+                replace_module(model, name, Int4Linear(res.weight, m.bias, backend=backend, bits=bits))
         del stats
     if include_lm_head:
         stats = collect_input_stats(model, batches, {"lm_head": model.lm_head})
         res = gptq_quantize_layer(model.lm_head.weight, stats["lm_head"].hessian, **kw)
-        replace_module(model, "lm_head", Int4Linear(res.weight, None, backend=backend))
+        replace_module(model, "lm_head", Int4Linear(res.weight, None, backend=backend, bits=bits))
     return model
 
 
-@register_method("gptq", options=("damp", "act_order", "block_size", "static_groups"),
+@register_method("gptq", options=("damp", "act_order", "block_size", "static_groups", "bits"),
                  calibrated=True, group_size=True)
 def gptq_method(model: nn.Module, targets: dict, *, calibration, group_size: int = 128,
                 include_lm_head: bool = False, backend: str = "auto", progress: bool = False,

@@ -23,7 +23,7 @@ from ...kernels.quant_matmul import int4_matmul, int8_matmul, w8a8_matmul
 from ...kernels.reference import (dequantize_int4_ref, dequantize_int8_ref, int4_matmul_ref,
                                   int8_matmul_ref, w8a8_matmul_ref)
 from ..surgery import find_modules
-from .formats import (Int4Weight, Int8Weight, _nbytes, check_group_size, fp8_support,
+from .formats import (Int4Weight, Int8Weight, _nbytes, check_group_size, check_low_bits, fp8_support,
                       quantize_fp8, quantize_int4, quantize_int8)
 
 BACKENDS = ("auto", "triton", "torch")
@@ -141,24 +141,38 @@ class Int8Linear(QuantLinear):
 
 
 class Int4Linear(QuantLinear):
-    """Weight-only int4, packed, asymmetric per group (RTN, GPTQ and AWQ alike)."""
+    """Weight-only int4, packed, asymmetric per group (RTN, GPTQ, AWQ and QAT alike).
+
+    ``bits`` (4, 3 or 2) records how many of the 16 code levels the weights
+    use: 3- and 2-bit codes live in the same 4-bit slots and run on the same
+    kernels (:func:`~llmopt_lab.transforms.quantize.formats.packed_nbytes`
+    gives what they would take packed at their own width). Raises
+    QuantizationError for a bad group size or bit width, or codes above
+    2^bits - 1."""
 
     format = "int4"
 
     def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None,
-                 input_scale: torch.Tensor | None = None, backend: str = "auto"):
+                 input_scale: torch.Tensor | None = None, backend: str = "auto", bits: int = 4):
         N, K = weight.shape
         check_group_size(weight.group_size, K)
+        check_low_bits(bits)
+        if bits < 4 and int(weight.codes().max()) > 2 ** bits - 1:
+            raise QuantizationError(f"the weight has codes above {2 ** bits - 1}: it is not a "
+                                    f"{bits}-bit weight")
         super().__init__(K, N, bias, input_scale, backend)
         self.group_size = weight.group_size
+        self.bits = bits
         self.register_buffer("packed", weight.packed.contiguous())
         self.register_buffer("scales", weight.scales.float().contiguous())
         self.register_buffer("zeros", weight.zeros.contiguous())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128,
-                    backend: str = "auto") -> "Int4Linear":
-        return cls(quantize_int4(linear.weight.detach(), group_size), linear.bias, backend=backend)
+                    backend: str = "auto", bits: int = 4) -> "Int4Linear":
+        """RTN of ``linear`` at ``bits`` bits (4, 3, 2), groups of ``group_size``."""
+        return cls(quantize_int4(linear.weight.detach(), group_size, bits=bits), linear.bias,
+                   backend=backend, bits=bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._scaled_input(x)
@@ -174,7 +188,8 @@ class Int4Linear(QuantLinear):
         return w if self.input_scale is None else w * self.input_scale[None, :]
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
+        return super().extra_repr() + f", group_size={self.group_size}" + (
+            f", bits={self.bits}" if self.bits != 4 else "")
 
 
 class W8A8Linear(QuantLinear):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..surgery import replace_module
+from .formats import check_low_bits
 from .layers import FP8Linear, Int4Linear, Int8Linear, W8A8Linear
 from .registry import register_method
 
@@ -18,12 +19,13 @@ def int8_method(model: nn.Module, targets: dict, *, backend: str = "auto", **_) 
     return {}
 
 
-@register_method("int4", group_size=True)
+@register_method("int4", options=("bits",), group_size=True)
 def int4_method(model: nn.Module, targets: dict, *, group_size: int = 128, backend: str = "auto",
-                **_) -> dict:
+                bits: int = 4, **_) -> dict:
     """Weight-only int4, asymmetric per group, round to nearest (RTN)."""
+    check_low_bits(bits)
     for name, m in targets.items():
-        replace_module(model, name, Int4Linear.from_linear(m, group_size, backend))
+        replace_module(model, name, Int4Linear.from_linear(m, group_size, backend, bits=bits))
     return {}
 
 

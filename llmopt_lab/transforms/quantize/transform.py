@@ -45,10 +45,11 @@ def quantize(model: nn.Module, method: str, *, group_size: int = 128,
     method:
         * ``"int8"``: weight-only int8, per output channel, round to nearest.
         * ``"int4"``: weight-only int4, asymmetric per group of ``group_size``
-          (32, 64, 128 or 256), round to nearest (RTN).
+          (32, 64, 128 or 256), round to nearest (RTN). Option: ``bits`` (4;
+          3 or 2 use fewer levels of the same container).
         * ``"gptq"``: the int4 format, GPTQ (calibrated). Options: ``damp``
           (0.01), ``act_order`` (False), ``block_size`` (128),
-          ``static_groups`` (False; forced by act_order).
+          ``static_groups`` (False; forced by act_order), ``bits`` (4, 3, 2).
         * ``"awq"``: the int4 format, AWQ scaling (calibrated). Options:
           ``grid`` (20 values of alpha in [0, 1)), ``duo`` (True: also try
           duo-scaling candidates), ``objective`` ('layer', the default: score
@@ -60,13 +61,20 @@ def quantize(model: nn.Module, method: str, *, group_size: int = 128,
           smoothing (naive).
         * ``"smoothquant"``: W8A8 after SmoothQuant's migration (calibrated).
           Option: ``alpha`` (0.5).
+        * ``"qat"``: the int4 format, quantization-aware training distilled
+          from the float model on the calibration batches (training split;
+          rows of T + 1 tokens). Options: ``bits`` (4, 3, 2), ``steps``
+          (200), ``lr`` (2e-4), ``temperature`` (1.0). See :mod:`.qat`.
+        * ``"mixed"``: a format per layer, round to nearest. Option: ``plan``
+          ({layer name: (8, None) | (bits, group_size)}, or a
+          :class:`~.mixed.MixedPlan` from :func:`~.mixed.plan_bits`).
         * ``"fp8"``: e4m3 weights and activations, per-tensor scales. Option:
           ``simulate`` (None: real on compute capability >= 8.9, simulated
           with a warning elsewhere; False: raise where it cannot be real).
     Which layers: q/k/v/o and gate/up/down of every decoder block; the
     lm_head too with ``include_lm_head=True``; never the embeddings.
     calibration: list of (B, T) int64 token batches from the training split
-    (required by gptq, awq and smoothquant; every token counts, no padding).
+    (required by gptq, awq, smoothquant and qat; every token counts, no padding).
     copy: quantize a deep copy and leave ``model`` untouched; by default the
     model is modified **in place** (its nn.Linear layers are replaced; AWQ and
     SmoothQuant also rescale the RMSNorm weights and v/up projections they
