@@ -216,7 +216,9 @@ class Transformer(nn.Module):
             (:meth:`~llmopt_lab.cache.BatchCache.rect_step`) run by
             :meth:`step_hidden`.
         Raises ValueError for input that is not 2-D, CacheError for a cache
-        built for another model, batch or dtype.
+        built for another model, batch or dtype, and for positions that are
+        not a (B, T) integer tensor, are negative, or lie past the cache's
+        capacity (max_len).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")

@@ -50,8 +50,8 @@ class KVPool:
     token slots: ``k[layer]``, ``v[layer]`` each (num_blocks, Hkv, block_size, D)
     in ``dtype``. Memory: 2 x layers x num_blocks x block_size x Hkv x D x bytes.
 
-    Raises CacheError for non-positive sizes or a block longer than the
-    model's context.
+    Raises CacheError for sizes that are not positive integers or a block
+    longer than the model's context.
     """
 
     #: True for storage that reallocates as it grows (a CUDA graph cannot capture it)
@@ -62,9 +62,10 @@ class KVPool:
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, device=None,
                  dtype: torch.dtype = torch.float32):
-        if num_blocks < 1 or block_size < 1:
-            raise CacheError(f"num_blocks and block_size must be positive, got {num_blocks}, "
-                             f"{block_size}")
+        if not all(hasattr(n, "__index__") and not isinstance(n, bool) for n in (num_blocks, block_size)) \
+                or num_blocks < 1 or block_size < 1:
+            raise CacheError(f"num_blocks and block_size must be positive integers, got {num_blocks!r}, "
+                             f"{block_size!r}")
         if block_size > config.max_position_embeddings:
             raise CacheError(
                 f"a cache of {block_size} tokens exceeds the model's context of "
