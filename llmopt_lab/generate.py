@@ -31,9 +31,9 @@ from typing import Sequence
 
 import torch
 
-from .cache import make_cache
+from .cache import KVPool, make_cache
 from .errors import GenerationError
-from .sampling import SamplingParams, sample_rows
+from .sampling import SamplingParams, sample_rows, stop_token_tuple
 from .step import StepBuffers, host_step, run_step  # noqa: F401 (run_step: one of the step functions)
 
 
@@ -58,11 +58,37 @@ class Generation:
         return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.num_tokens.tolist())]
 
 
+def _check_integer_ids(dtype: torch.dtype, what: str) -> None:
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise GenerationError(f"{what} must hold integer token ids, got dtype {dtype}; token ids "
+                              "come from a tokenizer (tok(text).input_ids)")
+
+
+def _token_row(p, i: int) -> torch.Tensor:
+    """Prompt ``i`` of a list as a 1-D int64 tensor (GenerationError unless it
+    is a list or tensor of integer token ids)."""
+    if isinstance(p, (str, bytes)):
+        raise GenerationError(f"prompt {i} is text ({str(p)[:40]!r}): tokenize it first, e.g. "
+                              "tok(text).input_ids")
+    try:
+        t = torch.as_tensor(p)
+    except (TypeError, ValueError, RuntimeError):
+        raise GenerationError(f"prompt {i} is not a list of token ids (got {type(p).__name__}: "
+                              f"{str(p)[:40]})") from None
+    if t.numel() == 0:  # [] is float32 to torch: an empty prompt, not a dtype problem
+        return t.long().flatten()
+    _check_integer_ids(t.dtype, f"prompt {i}")
+    return t.long().flatten()
+
+
 def pad_prompts(prompts, device=None, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad prompts into (B, T_max) int64 plus lengths (B,).
 
-    prompts: a (T,) or (B, T) tensor, or a list of token lists / 1-D tensors of
-    possibly different lengths. Raises GenerationError on an empty prompt.
+    prompts: a (T,) or (B, T) integer tensor, one list of token ids (one
+    prompt, like a (T,) tensor), or a list of token lists / 1-D tensors of
+    possibly different lengths. Raises GenerationError on an empty prompt, on
+    text (tokenize it first), and on ids that are not integers (float or bool
+    values are refused, not rounded).
     """
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1:
@@ -71,9 +97,20 @@ def pad_prompts(prompts, device=None, pad_id: int = 0) -> tuple[torch.Tensor, to
             raise GenerationError(f"input_ids must be 1-D or 2-D, got shape {tuple(prompts.shape)}")
         if prompts.shape[1] == 0:
             raise GenerationError("empty prompt: give at least one token")
+        _check_integer_ids(prompts.dtype, "input_ids")
         ids = prompts.to(device=device, dtype=torch.long)
         return ids, torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=ids.device)
-    rows = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
+    if isinstance(prompts, (str, bytes)):
+        raise GenerationError(f"input_ids is text ({str(prompts)[:40]!r}): tokenize it first, e.g. "
+                              "tok(text, return_tensors='pt').input_ids")
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise GenerationError(f"input_ids must be a tensor or a list of token-id lists, got "
+                              f"{type(prompts).__name__}") from None
+    if prompts and all(isinstance(p, int) for p in prompts):  # one prompt as a flat list
+        prompts = [prompts]
+    rows = [_token_row(p, i) for i, p in enumerate(prompts)]
     if not rows or any(r.numel() == 0 for r in rows):
         raise GenerationError("empty prompt: give at least one token per sequence")
     lengths = torch.tensor([r.numel() for r in rows], dtype=torch.long)
@@ -137,15 +174,25 @@ def _prompt_lists(input_ids, attention_mask=None) -> list[list[int]]:
     attention_mask: (B, T) 0/1 for a padded (B, T) tensor: each row's ones
     must be one contiguous run (left or right padding); only those tokens are
     the prompt."""
-    if hasattr(input_ids, "keys") and "input_ids" in input_ids.keys():  # BatchEncoding, dict
+    if hasattr(input_ids, "keys"):  # BatchEncoding, dict
+        if "input_ids" not in input_ids.keys():
+            raise GenerationError(f"a mapping given as input_ids must hold 'input_ids' (a tokenizer's "
+                                  f"output), got the keys {sorted(map(str, input_ids.keys()))[:5]}")
         if attention_mask is None:
             attention_mask = input_ids.get("attention_mask")
         input_ids = input_ids["input_ids"]
     if attention_mask is None:
         ids, lengths = pad_prompts(input_ids)
         return [row[:n].tolist() for row, n in zip(ids, lengths.tolist())]
-    ids = torch.as_tensor(input_ids) if not isinstance(input_ids, torch.Tensor) else input_ids
-    mask = torch.as_tensor(attention_mask) if not isinstance(attention_mask, torch.Tensor) else attention_mask
+    try:
+        ids = torch.as_tensor(input_ids) if not isinstance(input_ids, torch.Tensor) else input_ids
+        mask = (torch.as_tensor(attention_mask) if not isinstance(attention_mask, torch.Tensor)
+                else attention_mask)
+    except (TypeError, ValueError, RuntimeError):
+        raise GenerationError("with an attention_mask, input_ids and the mask must be padded (B, T) "
+                              "tensors or lists of equal-length rows; for prompts of different "
+                              "lengths, pass a list of token lists without a mask") from None
+    _check_integer_ids(ids.dtype, "input_ids")
     if ids.dim() == 1:
         ids, mask = ids[None], mask.reshape(1, -1) if mask.dim() == 1 else mask
     if ids.dim() != 2 or mask.shape != ids.shape:
@@ -176,8 +223,10 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
              attention_mask=None) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
-    input_ids: (T,), (B, T) or a list of prompts of different lengths, or a
-    tokenizer's output (``tok(texts, padding=True, return_tensors="pt")``).
+    input_ids: (T,), (B, T), one list of token ids (one prompt), a list of
+    prompts of different lengths, or a tokenizer's output (a BatchEncoding or
+    dict with "input_ids" and "attention_mask", e.g. ``tok(texts,
+    padding=True, return_tensors="pt")``).
     attention_mask: (B, T) 0/1 for a padded (B, T) tensor (taken from the
     tokenizer's output when not given): padding tokens, left or right, are
     not part of the prompt, so each row generates what it would alone.
@@ -200,9 +249,12 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
     "reduce-overhead", "max-autotune"; the first call compiles, for seconds
     to a minute); not together with ``cuda_graph``, and it needs the cache.
     Raises GenerationError when prompt + max_new_tokens exceeds the model's
-    context or the cache, for token ids outside the vocabulary, for bad
-    sampling arguments, or for an attention mask that does not match the ids,
-    holds other values than 0/1, or has a hole or an all-zero row.
+    context or the cache (or ``cache`` is not a cache), for token ids outside
+    the vocabulary or not integers (float or bool ids, text, a mapping
+    without "input_ids"), for bad sampling arguments or stop ids
+    (CacheError for an unknown cache name), or for an attention mask that
+    does not match the ids, holds other values than 0/1, or has a hole or an
+    all-zero row.
     """
     config = model.config
     prompts = _prompt_lists(input_ids, attention_mask)
@@ -213,8 +265,7 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
             raise GenerationError(f"seed must be an integer or None, got {seed!r}")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        stop = None if eos_token_id is None else (
-            (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+        stop = None if eos_token_id is None else stop_token_tuple(eos_token_id)
         rows = row_params(B, None, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop,
                           ignore_eos=ignore_eos)
@@ -324,10 +375,15 @@ def _storage_for(cache, config, batch: int, total: int, device, dtype):
     the given one after checking it has room (and emptying it)."""
     if cache is None or isinstance(cache, str):
         return make_cache(cache or "static", config, batch, total, device=device, dtype=dtype)
+    if not isinstance(cache, KVPool):
+        raise GenerationError(f"cache must be 'static', 'dynamic', 'int8' or a cache object "
+                              f"(llmopt_lab.cache.make_cache), got {type(cache).__name__}")
     if cache.block_size < total:
-        raise GenerationError(f"the cache holds {cache.block_size} tokens but this request needs {total}")
+        raise GenerationError(f"the cache holds {cache.block_size} tokens but this request needs {total} "
+                              f"(prompt + max_new_tokens): make it with max_len >= {total}")
     if cache.num_blocks < batch:
-        raise GenerationError(f"the cache holds {cache.num_blocks} sequences but {batch} prompts were given")
+        raise GenerationError(f"the cache holds {cache.num_blocks} sequences but {batch} prompts were given: "
+                              f"make it with batch_size >= {batch}")
     if hasattr(cache, "reset"):
         cache.reset()
     return cache
