@@ -25,7 +25,7 @@ keeping each sequence's length).
 from __future__ import annotations
 
 import functools
-
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -33,7 +33,7 @@ import torch
 
 from .cache import KVPool, make_cache
 from .errors import GenerationError
-from .sampling import SamplingParams, sample_rows, stop_token_tuple
+from .sampling import SamplingParams, check_seed, sample_rows, stop_token_tuple
 from .step import StepBuffers, host_step, run_step  # noqa: F401 (run_step: one of the step functions)
 
 
@@ -45,6 +45,8 @@ class Generation:
         sequence's end; num_tokens: (B,) how many are real (the EOS included);
     prompt_lengths: (B,); logits: (B, steps, V) float32 per-step logits when
     asked for (``return_logits=True``), else None.
+
+    Raises: nothing; a plain result record (:func:`generate` raises).
     """
 
     tokens: torch.Tensor
@@ -79,6 +81,26 @@ def _token_row(p, i: int) -> torch.Tensor:
         return t.long().flatten()
     _check_integer_ids(t.dtype, f"prompt {i}")
     return t.long().flatten()
+
+
+def token_id_lists(prompts, error=GenerationError) -> list[list[int]]:
+    """Prompts (a list of token-id lists or 1-D integer tensors) as lists of
+    ints. Raises ``error`` (GenerationError by default) for text, or ids that
+    are not integers (floats and bools are refused, not rounded)."""
+    if isinstance(prompts, (str, bytes)):
+        raise error(f"prompts are lists of token ids, got text ({str(prompts)[:40]!r}): tokenize it first")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)):
+            raise error(f"prompt {i} is text ({str(p)[:40]!r}): tokenize it first")
+        try:
+            p = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+            if any(isinstance(t, bool) for t in p):
+                raise TypeError
+            out.append([operator.index(t) for t in p])
+        except TypeError:
+            raise error(f"prompt {i} must be a list of integer token ids, got {str(p)[:40]}") from None
+    return out
 
 
 def pad_prompts(prompts, device=None, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +149,26 @@ def prefill(model, input_ids: torch.Tensor, lengths: torch.Tensor, cache) -> tor
 
     input_ids: (B, T) right-padded; lengths: (B,) real tokens per row.
     Returns the logits after each prompt's last real token, (B, V) float32.
+
+    Raises:
+        GenerationError: input_ids not a (B, T) integer tensor, lengths not
+            (B,) integers in 1..T (a length of 0 would read the logits of
+            the last padding token; values checked for CPU tensors only,
+            reading a GPU tensor would cost a host sync).
+        CacheError: a cache built for another model or batch, or too short.
     """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise GenerationError(f"prefill takes input_ids (B, T), got "
+                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    _check_integer_ids(input_ids.dtype, "input_ids")
     B, T = input_ids.shape
+    if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (B,) \
+            or lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise GenerationError(f"prefill takes lengths as a ({B},) integer tensor (real tokens per row), "
+                              f"got {getattr(lengths, 'shape', lengths)!r}")
+    if B and lengths.device.type == "cpu" and not 1 <= int(lengths.min()) <= int(lengths.max()) <= T:
+        raise GenerationError(f"prefill lengths must lie in 1..{T} (the padded prompt length), got "
+                              f"{lengths.tolist()}")
     positions = torch.arange(T, device=input_ids.device).expand(B, T)
     hidden = model.hidden_states(input_ids, positions, cache=cache, lengths=lengths)  # (B, T, H)
     last = hidden[torch.arange(B, device=hidden.device), lengths - 1]  # (B, H)
@@ -138,7 +178,19 @@ def prefill(model, input_ids: torch.Tensor, lengths: torch.Tensor, cache) -> tor
 @torch.inference_mode()
 def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
     """One decode step with a lesson-02 cache: tokens (B,) at positions (B,) ->
-    next logits (B, V) float32. Shapes are the same at every step."""
+    next logits (B, V) float32. Shapes are the same at every step.
+
+    Raises:
+        GenerationError: tokens and positions that are not 1-D tensors of
+            the same shape (checked without reading the device).
+        CacheError: a position past the cache's capacity or negative, a
+            cache built for another model or batch.
+    """
+    if not (isinstance(tokens, torch.Tensor) and isinstance(positions, torch.Tensor)
+            and tokens.dim() == 1 and positions.shape == tokens.shape):
+        raise GenerationError(f"decode_one_token takes tokens (B,) and positions (B,), got "
+                              f"{getattr(tokens, 'shape', tokens)!r} and "
+                              f"{getattr(positions, 'shape', positions)!r}")
     logits = model(tokens[:, None], positions[:, None], cache=cache)  # (B, 1, V)
     return logits[:, 0].float()
 
@@ -261,8 +313,7 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
     B = len(prompts)
     check_token_ids(prompts, config.vocab_size)
     if params is None:
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise GenerationError(f"seed must be an integer or None, got {seed!r}")
+        check_seed(seed)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         stop = None if eos_token_id is None else stop_token_tuple(eos_token_id)

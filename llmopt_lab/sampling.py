@@ -32,6 +32,14 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise GenerationError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
+def check_seed(seed) -> None:
+    """GenerationError unless ``seed`` is None or an integer torch can seed a
+    generator with (-2**63 <= seed < 2**64)."""
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                             or not -2**63 <= seed < 2**64):
+        raise GenerationError(f"seed must be an integer in [-2**63, 2**64) or None, got {seed!r}")
+
+
 def stop_token_tuple(ids, what: str = "eos_token_id") -> tuple[int, ...]:
     """One token id or several (a list, tuple or 1-D integer tensor) as a tuple
     of ints. Raises GenerationError for anything else (a string, a float, a
@@ -114,11 +122,11 @@ class SamplingParams:
 
     def __post_init__(self):
         check_sampling_args(self.temperature, self.top_k, self.top_p)
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
+                or self.max_new_tokens < 1:
             raise GenerationError(
                 f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise GenerationError(f"seed must be an integer or None, got {self.seed!r}")
+        check_seed(self.seed)
         if self.stop_token_ids is not None:
             self.stop_token_ids = stop_token_tuple(self.stop_token_ids, "stop_token_ids (eos_token_id)")
 

@@ -41,7 +41,7 @@ from .cache import KVPool
 from .errors import GenerationError
 from .generate import _prompt_lists, check_token_ids, pad_prompts
 from .measure.timing import synchronize
-from .sampling import check_sampling_args, probabilities, stop_token_tuple
+from .sampling import check_sampling_args, check_seed, probabilities, stop_token_tuple
 from .step import host_step, run_step
 
 
@@ -398,8 +398,7 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
     if draft is not None and not hasattr(draft, "config"):
         raise GenerationError(f"draft must be a model (llmopt_lab Transformer) or None for prompt "
                               f"lookup, got {type(draft).__name__}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise GenerationError(f"seed must be an integer or None, got {seed!r}")
+    check_seed(seed)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise GenerationError(f"k must be an integer >= 1, got {k!r}")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
