@@ -60,6 +60,12 @@ class Step:
     last_position: host int, the largest position in the step (None when
         not known): lets :meth:`advance` refuse to run past a block without
         reading the device.
+
+    Raises:
+        CacheError: from :meth:`advance`, for a step that is not a decode
+            step of a contiguous cache or would run past its block (the
+            record itself checks nothing; :func:`~llmopt_lab.step.host_step`
+            raises CacheError for positions that do not fit).
     """
 
     tokens: torch.Tensor

@@ -33,7 +33,15 @@ from .pool import Int8KVPool, KVPool
 class BatchCache:
     """Sequence state for the rectangular call: ``batch_size`` sequences, one
     block of ``max_len`` slots each, and their lengths (B,) int64 (a device
-    tensor updated in place, never rebound)."""
+    tensor updated in place, never rebound).
+
+    Raises:
+        CacheError: a batch_size or max_len that is not a positive integer;
+            from :meth:`rect_step`, positions that are not a (B, T) integer
+            tensor, are negative or lie past max_len; from :meth:`truncate`,
+            lengths that are not one integer >= 0 per sequence; a batch of
+            another size than the cache's.
+    """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None,
                  dtype: torch.dtype = torch.float32):
@@ -123,7 +131,9 @@ class StaticCache(BatchCache, KVPool):
 
 class Int8Cache(BatchCache, Int8KVPool):
     """A static cache holding int8 codes and per-token, per-head float32
-    scales (``k_scale[layer]``: (B, Hkv, max_len, 1)); dequantized on read."""
+    scales (``k_scale[layer]``: (B, Hkv, max_len, 1)); dequantized on read.
+
+    Raises: CacheError as :class:`StaticCache` (sizes, positions, capacity)."""
 
 
 class DynamicCache(BatchCache, KVPool):
@@ -193,6 +203,8 @@ def make_cache(kind: str, config: ModelConfig, batch_size: int, max_len: int, de
 def kv_cache_bytes(config: ModelConfig, batch: int, tokens: int, dtype="bfloat16") -> float:
     """Bytes of a KV cache: 2 (K and V) x layers x kv_heads x head_dim x bytes
     per element x batch x tokens. dtype: a torch dtype or name ('int8' counts
-    one byte and ignores the scales)."""
+    one byte and ignores the scales).
+
+    Raises: ConfigError for an unknown dtype name."""
     return (2 * config.num_layers * config.num_kv_heads * config.head_dim
             * bytes_per_element(dtype) * batch * tokens)

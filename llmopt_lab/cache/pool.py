@@ -32,6 +32,9 @@ def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     x: (..., D) float. Returns q (..., D) int8 in [-127, 127] and scale (..., 1)
     float32 with x ~= q * scale (scale = absmax / 127; an all-zero vector gets
     scale 1 so it dequantizes to exactly zero).
+
+    Raises: nothing of its own (torch's errors for a tensor that is not
+    floating point).
     """
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True) / 127.0
@@ -41,7 +44,10 @@ def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """q (..., D) int8 and scale (..., 1) -> (..., D) in dtype."""
+    """q (..., D) int8 and scale (..., 1) -> (..., D) in dtype.
+
+    Raises: nothing of its own (torch's errors for shapes that do not
+    broadcast)."""
     return (q.float() * scale).to(dtype)
 
 
@@ -156,7 +162,11 @@ class KVPool:
 class Int8KVPool(KVPool):
     """A pool holding int8 codes plus one float32 scale per token and head
     (``k_scale[layer]``: (num_blocks, Hkv, block_size, 1)); reads dequantize to
-    ``dtype``. Half the bytes of bf16 (plus 4 bytes per token and head)."""
+    ``dtype``. Half the bytes of bf16 (plus 4 bytes per token and head).
+
+    Raises: CacheError as :class:`KVPool` (sizes that are not positive
+    integers, a block longer than the context, a model of another shape,
+    dtype or device)."""
 
     raw_blocks = False  # int8 codes: the paged kernels read floats
 
