@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .kernels import flash_attention as _flash
 from .kernels import flash_decode as _flash_decode
 from .kernels import paged_attention as _paged
+from .errors import ConfigError
 from .kernels.reference import attention_ref, causal_mask
 
 
@@ -271,11 +272,11 @@ def attend(attn_fn: Callable, q: torch.Tensor, kv, layer: int, view: StepView,
 
 def get_attention(name_or_fn: str | Callable) -> Callable:
     """An attention function by name ('sdpa', 'naive', 'flash', 'paged') or the
-    function itself. Raises ValueError for an unknown name."""
+    function itself. Raises ConfigError (a ValueError) for an unknown name."""
     if callable(name_or_fn):
         return name_or_fn
     try:
         return ATTENTION_FUNCTIONS[name_or_fn]
     except KeyError:
-        raise ValueError(f"unknown attention {name_or_fn!r}; known: "
+        raise ConfigError(f"unknown attention {name_or_fn!r}; known: "
                          f"{', '.join(ATTENTION_FUNCTIONS)}") from None

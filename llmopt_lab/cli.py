@@ -4,7 +4,7 @@ Each command lives in the module that owns the work and exposes two
 functions, ``add_arguments(parser)`` and ``run(args) -> int``; only the chosen
 command's module is imported (so ``--help`` is instant). Errors the user can
 fix (:class:`~llmopt_lab.errors.LlmoptError`) print as one line, not a
-traceback.
+traceback; so do arguments argparse refuses (exit status 2).
 """
 
 from __future__ import annotations
@@ -28,8 +28,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _UsageError(Exception):
+    """A command-line argument argparse refused (wrong type, missing, bad choice)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised (main prints them as one line) instead
+    of a usage block and sys.exit(2)."""
+
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: {message}")
+
+
 def _top_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m llmopt_lab",
         description="llmopt-lab: the command line of the course on fast LLM inference.",
         epilog="Run `python -m llmopt_lab COMMAND --help` for a command's options.")
@@ -40,6 +52,15 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m llmopt_lab`` with ``argv`` (default: sys.argv[1:]);
+    returns the exit status: the command's own, 1 after a user error (an
+    :class:`~llmopt_lab.errors.LlmoptError`, printed as one ``error:`` line
+    on stderr), 2 for an unknown command or arguments argparse refuses (one
+    line too), 130 when interrupted.
+
+    Raises: nothing for a user's mistake; an exception that is not an
+    LlmoptError (a bug) propagates with its traceback.
+    """
     from .errors import LlmoptError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -52,10 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"python -m llmopt_lab {name}",
-                                     description=COMMANDS[name][1])
+    parser = _Parser(prog=f"python -m llmopt_lab {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    try:
+        args = parser.parse_args(argv[1:])
+    except _UsageError as e:
+        print(f"error: {e} (see `python -m llmopt_lab {name} --help`)", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
     try:
         return int(module.run(args) or 0)
     except LlmoptError as e:

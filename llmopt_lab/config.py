@@ -55,6 +55,12 @@ class ModelConfig:
     ``intermediate_size`` and ``num_heads``. The KV heads stay the same in every
     layer, so the caches do not change. Such a checkpoint is for this library:
     transformers reads only the uniform sizes.
+
+    Raises:
+        ConfigError: on construction, for sizes that are not positive
+            integers, query heads that are not a multiple of the KV heads, an
+            odd head_dim, a bad sliding window or layer types, per-layer
+            lists of the wrong length (the message names the field and value).
     """
 
     vocab_size: int
@@ -411,7 +417,11 @@ PRESETS: dict[str, Any] = {
 
 
 def preset(name: str) -> ModelConfig:
-    """A named config preset (a fresh copy each call)."""
+    """A named config preset (a fresh copy each call).
+
+    Raises:
+        ConfigError: an unknown name (the message lists the known ones).
+    """
     try:
         return PRESETS[name]()
     except KeyError:

@@ -115,15 +115,24 @@ def _combine(student_logits, soft_per_position, labels, temperature, alpha, igno
     return soft if ce is None else alpha * soft + (1.0 - alpha) * ce
 
 
-def _check_labels(student_logits, labels, alpha):
+def _check_labels(student_logits, labels, alpha, ignore_index=-100):
     if labels is None:
         if alpha < 1.0:
             raise TrainingError(f"alpha={alpha} < 1 mixes in the cross-entropy on the labels; "
                                 "pass labels (or alpha=1 for the soft term only)")
         return
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TrainingError(f"labels must be integer token ids, got dtype {labels.dtype}")
     if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
         raise TrainingError(f"labels {tuple(labels.shape)} must have the logits' shape without "
                             f"the vocabulary dimension, {tuple(student_logits.shape[:-1])}")
+    real = labels[labels != ignore_index]
+    V = student_logits.shape[-1]
+    if real.numel():
+        lo, hi = torch.stack(torch.aminmax(real)).tolist()  # one host sync for both
+        if lo < 0 or hi >= V:
+            raise TrainingError(f"labels hold token id {hi if hi >= V else lo}, outside the vocabulary "
+                                f"of the logits (0..{V - 1}; {ignore_index} marks ignored positions)")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -160,7 +169,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         raise TrainingError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                             f"{tuple(teacher_logits.shape)} differ (distillation over logits "
                             "needs the same vocabulary)")
-    _check_labels(student_logits, labels, alpha)
+    _check_labels(student_logits, labels, alpha, ignore_index)
     if alpha == 0.0:
         return _combine(student_logits, None, labels, temperature, alpha, ignore_index)
     log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -193,7 +202,7 @@ def kd_loss_topk(student_logits: torch.Tensor, teacher_values: torch.Tensor,
         raise TrainingError(f"top-k values {tuple(teacher_values.shape)} and indices "
                             f"{tuple(teacher_indices.shape)} must be the student logits' shape "
                             f"{tuple(student_logits.shape)} with k classes")
-    _check_labels(student_logits, labels, alpha)
+    _check_labels(student_logits, labels, alpha, ignore_index)
     if alpha == 0.0:
         return _combine(student_logits, None, labels, temperature, alpha, ignore_index)
     idx = teacher_indices.long()
@@ -505,6 +514,14 @@ def distill_loss_fn(teacher: nn.Module, *, temperature: float = 2.0, alpha: floa
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] < 2:
             raise TrainingError("a distillation batch must be a (B, T + 1) token tensor "
                                 f"(or a TeacherCache item), got {getattr(tokens, 'shape', type(tokens))}")
+        if tokens.is_floating_point() or tokens.dtype == torch.bool:
+            raise TrainingError(f"a distillation batch must hold integer token ids, got {tokens.dtype}")
+        vocab = getattr(getattr(student, "config", None), "vocab_size", None)
+        lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one host sync for both
+        if vocab is not None and (lo < 0 or hi >= vocab):
+            raise TrainingError(f"a distillation batch holds token id {hi if hi >= vocab else lo}, "
+                                f"outside the vocabulary (0..{vocab - 1}); was it made by another "
+                                "tokenizer?")
         s_dev = _device(student)
         tokens = tokens.to(s_dev)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -558,8 +575,10 @@ def teacher_sequences(teacher: nn.Module, prompts: list[list[int]], new_tokens: 
     stops early at EOS). Prompts are generated ``batch_size`` at a time.
     Train the student on them with the plain next-token loss
     (:func:`sequence_batches`, then ``train(..., loss_fn=lm_loss)``).
-    Raises TrainingError for no prompts or new_tokens < 1."""
-    from .generate import generate
+    Raises TrainingError for no prompts, prompts that are not lists of
+    integer token ids (text), or new_tokens < 1; GenerationError for ids
+    outside the teacher's vocabulary."""
+    from .generate import generate, token_id_lists
 
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise TrainingError("teacher_sequences needs a non-empty list of prompts (lists of token ids)")
@@ -567,7 +586,7 @@ def teacher_sequences(teacher: nn.Module, prompts: list[list[int]], new_tokens: 
         raise TrainingError(f"new_tokens must be a positive integer, got {new_tokens!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise TrainingError(f"batch_size must be a positive integer, got {batch_size!r}")
-    prompts = [[int(t) for t in p] for p in prompts]
+    prompts = token_id_lists(prompts, TrainingError)
     was_training = teacher.training
     teacher.eval()
     out: list[list[int]] = []

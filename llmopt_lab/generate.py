@@ -25,15 +25,15 @@ keeping each sequence's length).
 from __future__ import annotations
 
 import functools
-
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from .cache import make_cache
+from .cache import KVPool, make_cache
 from .errors import GenerationError
-from .sampling import SamplingParams, sample_rows
+from .sampling import SamplingParams, check_seed, sample_rows, stop_token_tuple
 from .step import StepBuffers, host_step, run_step  # noqa: F401 (run_step: one of the step functions)
 
 
@@ -45,6 +45,8 @@ class Generation:
         sequence's end; num_tokens: (B,) how many are real (the EOS included);
     prompt_lengths: (B,); logits: (B, steps, V) float32 per-step logits when
     asked for (``return_logits=True``), else None.
+
+    Raises: nothing; a plain result record (:func:`generate` raises).
     """
 
     tokens: torch.Tensor
@@ -58,11 +60,57 @@ class Generation:
         return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.num_tokens.tolist())]
 
 
+def _check_integer_ids(dtype: torch.dtype, what: str) -> None:
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise GenerationError(f"{what} must hold integer token ids, got dtype {dtype}; token ids "
+                              "come from a tokenizer (tok(text).input_ids)")
+
+
+def _token_row(p, i: int) -> torch.Tensor:
+    """Prompt ``i`` of a list as a 1-D int64 tensor (GenerationError unless it
+    is a list or tensor of integer token ids)."""
+    if isinstance(p, (str, bytes)):
+        raise GenerationError(f"prompt {i} is text ({str(p)[:40]!r}): tokenize it first, e.g. "
+                              "tok(text).input_ids")
+    try:
+        t = torch.as_tensor(p)
+    except (TypeError, ValueError, RuntimeError):
+        raise GenerationError(f"prompt {i} is not a list of token ids (got {type(p).__name__}: "
+                              f"{str(p)[:40]})") from None
+    if t.numel() == 0:  # [] is float32 to torch: an empty prompt, not a dtype problem
+        return t.long().flatten()
+    _check_integer_ids(t.dtype, f"prompt {i}")
+    return t.long().flatten()
+
+
+def token_id_lists(prompts, error=GenerationError) -> list[list[int]]:
+    """Prompts (a list of token-id lists or 1-D integer tensors) as lists of
+    ints. Raises ``error`` (GenerationError by default) for text, or ids that
+    are not integers (floats and bools are refused, not rounded)."""
+    if isinstance(prompts, (str, bytes)):
+        raise error(f"prompts are lists of token ids, got text ({str(prompts)[:40]!r}): tokenize it first")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)):
+            raise error(f"prompt {i} is text ({str(p)[:40]!r}): tokenize it first")
+        try:
+            p = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+            if any(isinstance(t, bool) for t in p):
+                raise TypeError
+            out.append([operator.index(t) for t in p])
+        except TypeError:
+            raise error(f"prompt {i} must be a list of integer token ids, got {str(p)[:40]}") from None
+    return out
+
+
 def pad_prompts(prompts, device=None, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad prompts into (B, T_max) int64 plus lengths (B,).
 
-    prompts: a (T,) or (B, T) tensor, or a list of token lists / 1-D tensors of
-    possibly different lengths. Raises GenerationError on an empty prompt.
+    prompts: a (T,) or (B, T) integer tensor, one list of token ids (one
+    prompt, like a (T,) tensor), or a list of token lists / 1-D tensors of
+    possibly different lengths. Raises GenerationError on an empty prompt, on
+    text (tokenize it first), and on ids that are not integers (float or bool
+    values are refused, not rounded).
     """
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1:
@@ -71,9 +119,20 @@ def pad_prompts(prompts, device=None, pad_id: int = 0) -> tuple[torch.Tensor, to
             raise GenerationError(f"input_ids must be 1-D or 2-D, got shape {tuple(prompts.shape)}")
         if prompts.shape[1] == 0:
             raise GenerationError("empty prompt: give at least one token")
+        _check_integer_ids(prompts.dtype, "input_ids")
         ids = prompts.to(device=device, dtype=torch.long)
         return ids, torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=ids.device)
-    rows = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
+    if isinstance(prompts, (str, bytes)):
+        raise GenerationError(f"input_ids is text ({str(prompts)[:40]!r}): tokenize it first, e.g. "
+                              "tok(text, return_tensors='pt').input_ids")
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise GenerationError(f"input_ids must be a tensor or a list of token-id lists, got "
+                              f"{type(prompts).__name__}") from None
+    if prompts and all(isinstance(p, int) for p in prompts):  # one prompt as a flat list
+        prompts = [prompts]
+    rows = [_token_row(p, i) for i, p in enumerate(prompts)]
     if not rows or any(r.numel() == 0 for r in rows):
         raise GenerationError("empty prompt: give at least one token per sequence")
     lengths = torch.tensor([r.numel() for r in rows], dtype=torch.long)
@@ -90,8 +149,26 @@ def prefill(model, input_ids: torch.Tensor, lengths: torch.Tensor, cache) -> tor
 
     input_ids: (B, T) right-padded; lengths: (B,) real tokens per row.
     Returns the logits after each prompt's last real token, (B, V) float32.
+
+    Raises:
+        GenerationError: input_ids not a (B, T) integer tensor, lengths not
+            (B,) integers in 1..T (a length of 0 would read the logits of
+            the last padding token; values checked for CPU tensors only,
+            reading a GPU tensor would cost a host sync).
+        CacheError: a cache built for another model or batch, or too short.
     """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise GenerationError(f"prefill takes input_ids (B, T), got "
+                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    _check_integer_ids(input_ids.dtype, "input_ids")
     B, T = input_ids.shape
+    if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (B,) \
+            or lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise GenerationError(f"prefill takes lengths as a ({B},) integer tensor (real tokens per row), "
+                              f"got {getattr(lengths, 'shape', lengths)!r}")
+    if B and lengths.device.type == "cpu" and not 1 <= int(lengths.min()) <= int(lengths.max()) <= T:
+        raise GenerationError(f"prefill lengths must lie in 1..{T} (the padded prompt length), got "
+                              f"{lengths.tolist()}")
     positions = torch.arange(T, device=input_ids.device).expand(B, T)
     hidden = model.hidden_states(input_ids, positions, cache=cache, lengths=lengths)  # (B, T, H)
     last = hidden[torch.arange(B, device=hidden.device), lengths - 1]  # (B, H)
@@ -101,7 +178,19 @@ def prefill(model, input_ids: torch.Tensor, lengths: torch.Tensor, cache) -> tor
 @torch.inference_mode()
 def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
     """One decode step with a lesson-02 cache: tokens (B,) at positions (B,) ->
-    next logits (B, V) float32. Shapes are the same at every step."""
+    next logits (B, V) float32. Shapes are the same at every step.
+
+    Raises:
+        GenerationError: tokens and positions that are not 1-D tensors of
+            the same shape (checked without reading the device).
+        CacheError: a position past the cache's capacity or negative, a
+            cache built for another model or batch.
+    """
+    if not (isinstance(tokens, torch.Tensor) and isinstance(positions, torch.Tensor)
+            and tokens.dim() == 1 and positions.shape == tokens.shape):
+        raise GenerationError(f"decode_one_token takes tokens (B,) and positions (B,), got "
+                              f"{getattr(tokens, 'shape', tokens)!r} and "
+                              f"{getattr(positions, 'shape', positions)!r}")
     logits = model(tokens[:, None], positions[:, None], cache=cache)  # (B, 1, V)
     return logits[:, 0].float()
 
@@ -137,15 +226,25 @@ def _prompt_lists(input_ids, attention_mask=None) -> list[list[int]]:
     attention_mask: (B, T) 0/1 for a padded (B, T) tensor: each row's ones
     must be one contiguous run (left or right padding); only those tokens are
     the prompt."""
-    if hasattr(input_ids, "keys") and "input_ids" in input_ids.keys():  # BatchEncoding, dict
+    if hasattr(input_ids, "keys"):  # BatchEncoding, dict
+        if "input_ids" not in input_ids.keys():
+            raise GenerationError(f"a mapping given as input_ids must hold 'input_ids' (a tokenizer's "
+                                  f"output), got the keys {sorted(map(str, input_ids.keys()))[:5]}")
         if attention_mask is None:
             attention_mask = input_ids.get("attention_mask")
         input_ids = input_ids["input_ids"]
     if attention_mask is None:
         ids, lengths = pad_prompts(input_ids)
         return [row[:n].tolist() for row, n in zip(ids, lengths.tolist())]
-    ids = torch.as_tensor(input_ids) if not isinstance(input_ids, torch.Tensor) else input_ids
-    mask = torch.as_tensor(attention_mask) if not isinstance(attention_mask, torch.Tensor) else attention_mask
+    try:
+        ids = torch.as_tensor(input_ids) if not isinstance(input_ids, torch.Tensor) else input_ids
+        mask = (torch.as_tensor(attention_mask) if not isinstance(attention_mask, torch.Tensor)
+                else attention_mask)
+    except (TypeError, ValueError, RuntimeError):
+        raise GenerationError("with an attention_mask, input_ids and the mask must be padded (B, T) "
+                              "tensors or lists of equal-length rows; for prompts of different "
+                              "lengths, pass a list of token lists without a mask") from None
+    _check_integer_ids(ids.dtype, "input_ids")
     if ids.dim() == 1:
         ids, mask = ids[None], mask.reshape(1, -1) if mask.dim() == 1 else mask
     if ids.dim() != 2 or mask.shape != ids.shape:
@@ -176,8 +275,10 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
              attention_mask=None) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
-    input_ids: (T,), (B, T) or a list of prompts of different lengths, or a
-    tokenizer's output (``tok(texts, padding=True, return_tensors="pt")``).
+    input_ids: (T,), (B, T), one list of token ids (one prompt), a list of
+    prompts of different lengths, or a tokenizer's output (a BatchEncoding or
+    dict with "input_ids" and "attention_mask", e.g. ``tok(texts,
+    padding=True, return_tensors="pt")``).
     attention_mask: (B, T) 0/1 for a padded (B, T) tensor (taken from the
     tokenizer's output when not given): padding tokens, left or right, are
     not part of the prompt, so each row generates what it would alone.
@@ -200,21 +301,22 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
     "reduce-overhead", "max-autotune"; the first call compiles, for seconds
     to a minute); not together with ``cuda_graph``, and it needs the cache.
     Raises GenerationError when prompt + max_new_tokens exceeds the model's
-    context or the cache, for token ids outside the vocabulary, for bad
-    sampling arguments, or for an attention mask that does not match the ids,
-    holds other values than 0/1, or has a hole or an all-zero row.
+    context or the cache (or ``cache`` is not a cache), for token ids outside
+    the vocabulary or not integers (float or bool ids, text, a mapping
+    without "input_ids"), for bad sampling arguments or stop ids
+    (CacheError for an unknown cache name), or for an attention mask that
+    does not match the ids, holds other values than 0/1, or has a hole or an
+    all-zero row.
     """
     config = model.config
     prompts = _prompt_lists(input_ids, attention_mask)
     B = len(prompts)
     check_token_ids(prompts, config.vocab_size)
     if params is None:
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise GenerationError(f"seed must be an integer or None, got {seed!r}")
+        check_seed(seed)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        stop = None if eos_token_id is None else (
-            (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+        stop = None if eos_token_id is None else stop_token_tuple(eos_token_id)
         rows = row_params(B, None, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop,
                           ignore_eos=ignore_eos)
@@ -324,10 +426,15 @@ def _storage_for(cache, config, batch: int, total: int, device, dtype):
     the given one after checking it has room (and emptying it)."""
     if cache is None or isinstance(cache, str):
         return make_cache(cache or "static", config, batch, total, device=device, dtype=dtype)
+    if not isinstance(cache, KVPool):
+        raise GenerationError(f"cache must be 'static', 'dynamic', 'int8' or a cache object "
+                              f"(llmopt_lab.cache.make_cache), got {type(cache).__name__}")
     if cache.block_size < total:
-        raise GenerationError(f"the cache holds {cache.block_size} tokens but this request needs {total}")
+        raise GenerationError(f"the cache holds {cache.block_size} tokens but this request needs {total} "
+                              f"(prompt + max_new_tokens): make it with max_len >= {total}")
     if cache.num_blocks < batch:
-        raise GenerationError(f"the cache holds {cache.num_blocks} sequences but {batch} prompts were given")
+        raise GenerationError(f"the cache holds {cache.num_blocks} sequences but {batch} prompts were given: "
+                              f"make it with batch_size >= {batch}")
     if hasattr(cache, "reset"):
         cache.reset()
     return cache

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionMeta, StepView, attend, get_attention
 from .config import ModelConfig
+from .errors import ConfigError
 from .kernels.reference import rmsnorm_ref
 
 
@@ -154,11 +155,21 @@ class Transformer(nn.Module):
 
     Build one with :meth:`from_config` (random weights) or
     :func:`llmopt_lab.load_model` (a checkpoint).
+
+    Raises:
+        ConfigError: ``config`` is not a :class:`ModelConfig` (a preset's
+            name must go through :func:`llmopt_lab.preset`), an unknown
+            attention name, or (from_config) a device, dtype or seed it
+            cannot use.
+        ValueError, CacheError: from :meth:`forward` (see there).
     """
 
     def __init__(self, config: ModelConfig, attn_fn: str | Callable = "sdpa", device=None,
                  dtype=None):
         super().__init__()
+        if not isinstance(config, ModelConfig):
+            hint = f" (use preset({config!r}))" if isinstance(config, str) else ""
+            raise ConfigError(f"Transformer takes a ModelConfig, got {type(config).__name__}{hint}")
         self.config = config
         self.attn_fn = get_attention(attn_fn)
         kw = dict(device=device, dtype=dtype)
@@ -175,8 +186,22 @@ class Transformer(nn.Module):
     def from_config(cls, config: ModelConfig, device=None, dtype=torch.float32, seed: int = 0,
                     attn_fn: str | Callable = "sdpa") -> "Transformer":
         """A model with random weights (normal, std 0.02), created directly on
-        ``device`` in ``dtype`` (no full-size float32 copy on the CPU first)."""
-        gen_device = torch.device(device) if device is not None else torch.device("cpu")
+        ``device`` in ``dtype`` (no full-size float32 copy on the CPU first).
+        Raises ConfigError for a config that is not a ModelConfig, an unknown
+        device, a dtype that is not a floating torch.dtype, or a seed that is
+        not an integer."""
+        if not isinstance(config, ModelConfig):
+            hint = f" (use preset({config!r}))" if isinstance(config, str) else ""
+            raise ConfigError(f"from_config takes a ModelConfig, got {type(config).__name__}{hint}")
+        try:
+            gen_device = torch.device(device) if device is not None else torch.device("cpu")
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ConfigError(f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, "
+                              f"...), got {dtype!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed must be an integer, got {seed!r}")
         model = cls(config, attn_fn=attn_fn, device=gen_device, dtype=dtype)
         g = torch.Generator(device=gen_device).manual_seed(seed)
         with torch.no_grad():
@@ -216,7 +241,9 @@ class Transformer(nn.Module):
             (:meth:`~llmopt_lab.cache.BatchCache.rect_step`) run by
             :meth:`step_hidden`.
         Raises ValueError for input that is not 2-D, CacheError for a cache
-        built for another model, batch or dtype.
+        built for another model, batch or dtype, and for positions that are
+        not a (B, T) integer tensor, are negative, or lie past the cache's
+        capacity (max_len).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")

@@ -8,6 +8,7 @@ batch whose rows have different parameters and random streams.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -29,6 +30,38 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise GenerationError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and (not _real(top_p) or not (0.0 < top_p <= 1.0)):
         raise GenerationError(f"top_p must be a number in (0, 1], got {top_p!r}")
+
+
+def check_seed(seed) -> None:
+    """GenerationError unless ``seed`` is None or an integer torch can seed a
+    generator with (-2**63 <= seed < 2**64)."""
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                             or not -2**63 <= seed < 2**64):
+        raise GenerationError(f"seed must be an integer in [-2**63, 2**64) or None, got {seed!r}")
+
+
+def stop_token_tuple(ids, what: str = "eos_token_id") -> tuple[int, ...]:
+    """One token id or several (a list, tuple or 1-D integer tensor) as a tuple
+    of ints. Raises GenerationError for anything else (a string, a float, a
+    bool, a negative id): such a stop id would never match, or crash later."""
+    out = items = None
+    if not isinstance(ids, (str, bytes)):
+        try:
+            operator.index(ids)  # one id: an int, a NumPy int, a 0-dim integer tensor
+            items = [ids]
+        except TypeError:
+            try:
+                items = list(ids)  # several: a list, tuple, range, 1-D tensor or array
+            except TypeError:
+                items = None
+    if items is not None:
+        try:
+            out = tuple(operator.index(i) for i in items)
+        except TypeError:
+            out = None
+    if out is None or any(isinstance(i, bool) for i in items) or any(i < 0 for i in out):
+        raise GenerationError(f"{what} must be a token id >= 0 or a list of them, got {ids!r}")
+    return out
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -89,14 +122,13 @@ class SamplingParams:
 
     def __post_init__(self):
         check_sampling_args(self.temperature, self.top_k, self.top_p)
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
+                or self.max_new_tokens < 1:
             raise GenerationError(
                 f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise GenerationError(f"seed must be an integer or None, got {self.seed!r}")
+        check_seed(self.seed)
         if self.stop_token_ids is not None:
-            ids = [self.stop_token_ids] if isinstance(self.stop_token_ids, int) else self.stop_token_ids
-            self.stop_token_ids = tuple(int(i) for i in ids)
+            self.stop_token_ids = stop_token_tuple(self.stop_token_ids, "stop_token_ids (eos_token_id)")
 
     @property
     def greedy(self) -> bool:

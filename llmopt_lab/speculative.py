@@ -39,9 +39,9 @@ import torch
 
 from .cache import KVPool
 from .errors import GenerationError
-from .generate import check_token_ids, pad_prompts
+from .generate import _prompt_lists, check_token_ids, pad_prompts
 from .measure.timing import synchronize
-from .sampling import check_sampling_args, probabilities
+from .sampling import check_sampling_args, check_seed, probabilities, stop_token_tuple
 from .step import host_step, run_step
 
 
@@ -372,12 +372,15 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
                          top_p: float | None = None, seed: int | None = None,
                          eos_token_id: int | Sequence[int] | None = None, ignore_eos: bool = False,
                          max_ngram: int = 3, target_tokenizer=None, draft_tokenizer=None,
-                         acceptance_rule=None) -> SpecOutput:
+                         acceptance_rule=None, attention_mask=None) -> SpecOutput:
     """Generate with speculative decoding.
 
-    input_ids: one prompt or several (a list of token lists of any lengths, or
-    a (B, T) tensor): each sequence proposes, is verified and rolls back on its
-    own, in one batched draft and one batched target forward per step.
+    input_ids: one prompt or several (a list of token lists of any lengths, a
+    (B, T) tensor, or a tokenizer's padded output): each sequence proposes, is
+    verified and rolls back on its own, in one batched draft and one batched
+    target forward per step. attention_mask: (B, T) 0/1 marking each row's
+    prompt in a left- or right-padded tensor, as in
+    :func:`llmopt_lab.generate.generate`.
     draft: a model sharing the target's tokenizer, or None for prompt lookup.
     k: proposals per step (>= 1). Sampling parameters as in
     :func:`llmopt_lab.generate.generate`; temperature 0 is greedy; a sequence
@@ -387,15 +390,21 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
     ``fn(p, q, x, generator) -> (accepted, replacement)`` replacing the exact rule.
     Returns a :class:`SpecOutput`: the new tokens of each prompt and the
     :class:`SpecStats` of the batch. Raises GenerationError for bad arguments
-    or a request longer than a model's context.
+    (k, max_new_tokens, sampling parameters, seed, stop ids, a draft that is
+    not a model, prompts as :func:`~llmopt_lab.generate.generate` refuses
+    them) or a request longer than a model's context.
     """
     check_sampling_args(temperature, top_k, top_p)
-    if not isinstance(k, int) or k < 1:
+    if draft is not None and not hasattr(draft, "config"):
+        raise GenerationError(f"draft must be a model (llmopt_lab Transformer) or None for prompt "
+                              f"lookup, got {type(draft).__name__}")
+    check_seed(seed)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise GenerationError(f"k must be an integer >= 1, got {k!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     check_same_tokenizer(target_tokenizer, draft_tokenizer)
-    ids, lengths = pad_prompts(input_ids)
+    ids, lengths = pad_prompts(_prompt_lists(input_ids, attention_mask))
     B = ids.shape[0]
     seqs = [SpecSequence(tokens=row[:n].tolist(), block=i)
             for i, (row, n) in enumerate(zip(ids, lengths.tolist()))]
@@ -409,7 +418,7 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, k: int =
     if eos_token_id is None:
         eos = list(cfg.eos_token_ids)
     else:
-        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos = list(stop_token_tuple(eos_token_id))
     eos = [] if ignore_eos else eos
     dev = target.device
     gen = None

@@ -57,6 +57,15 @@ class Step:
         from it without reading the device.
     contiguous: True when sequence s owns block s whole (a static cache):
         attention then reads the storage in place.
+    last_position: host int, the largest position in the step (None when
+        not known): lets :meth:`advance` refuse to run past a block without
+        reading the device.
+
+    Raises:
+        CacheError: from :meth:`advance`, for a step that is not a decode
+            step of a contiguous cache or would run past its block (the
+            record itself checks nothing; :func:`~llmopt_lab.step.host_step`
+            raises CacheError for positions that do not fit).
     """
 
     tokens: torch.Tensor
@@ -68,6 +77,7 @@ class Step:
     block_size: int
     num_queries: tuple[int, ...]
     contiguous: bool = False
+    last_position: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -99,15 +109,27 @@ class Step:
         Every tensor keeps its storage (what a captured CUDA graph reads). Only
         for one query per sequence within a block (a contiguous cache): a paged
         sequence crossing into a new block needs a rebuilt step.
+
+        Raises CacheError for a step that is not a decode step of a contiguous
+        cache, and when the next position would be past the block (the
+        cache's capacity per sequence: the write would land in the next
+        sequence's slots); checked on the host copy ``last_position``, no
+        device read.
         """
         if not self.contiguous or max(self.num_queries) != 1:
             raise CacheError("advance() is for decode steps of a contiguous cache; build the next "
                              "step instead")
+        if self.last_position is not None and self.last_position + 1 >= self.block_size:
+            raise CacheError(f"advance() would write position {self.last_position + 1}, past the "
+                             f"cache's {self.block_size} slots per sequence: make the cache larger "
+                             "(max_len) or generate fewer tokens")
         n = next_tokens.shape[0]
         self.tokens[:n].copy_(next_tokens)
         self.positions[:n].add_(1)
         self.slots[:n].add_(1)
         self.context_lens[:n].add_(1)
+        if self.last_position is not None:
+            self.last_position += 1
 
 
 class StepBuffers:
@@ -147,7 +169,8 @@ class StepBuffers:
         tables = self.block_tables[:s, :b]
         tables.copy_(t["block_tables"])
         return Step(block_tables=tables, block_size=host.block_size,
-                    num_queries=tuple(host.num_queries), contiguous=host.contiguous, **out)
+                    num_queries=tuple(host.num_queries), contiguous=host.contiguous,
+                    last_position=max(host.positions), **out)
 
 
 @dataclass
@@ -180,7 +203,8 @@ class HostStep:
 
     def to_step(self, device=None) -> Step:
         return Step(block_size=self.block_size, num_queries=tuple(self.num_queries),
-                    contiguous=self.contiguous, **self.tensors(device))
+                    contiguous=self.contiguous, last_position=max(self.positions),
+                    **self.tensors(device))
 
 
 def host_step(chunks: Sequence[Sequence[int]], starts: Sequence[int],

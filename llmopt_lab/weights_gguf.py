@@ -98,8 +98,8 @@ def open_gguf(path: str | os.PathLike):
     """A ``gguf.GGUFReader`` on ``path`` (memory-mapped: nothing is copied yet).
 
     Raises ModelLoadError for a missing file, a file that is not GGUF (wrong
-    magic), or one the reader cannot parse (truncated, damaged)."""
-    gguf = _import_gguf()
+    magic), one the reader cannot parse (truncated, damaged), or when the
+    ``gguf`` package is not installed."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist; give the path of a .gguf file")
@@ -111,6 +111,7 @@ def open_gguf(path: str | os.PathLike):
     if magic != GGUF_MAGIC:
         raise ModelLoadError(f"{path} is not a GGUF file (it does not start with b'GGUF'); "
                              "give a .gguf file written by llama.cpp or the gguf package")
+    gguf = _import_gguf()  # after the checks above: a file that is not GGUF is named as such anyway
     try:
         return gguf.GGUFReader(str(path), "r")
     except Exception as e:  # the reader raises ValueError, IndexError, struct errors ...

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from llmopt_lab import StaticCache, Transformer, decode_one_token, measure, prefill, preset
 from llmopt_lab.config import ModelConfig
+from llmopt_lab.errors import UnsupportedDtypeError
 from llmopt_lab.kernels.reference import causal_mask
 from llmopt_lab.measure import metrics
 
@@ -188,7 +189,7 @@ def test_device_limits_cpu_is_measured():
     assert lim.source == "measured"
     assert lim.bandwidth > 1e8 and lim.flops(torch.float32) > 1e8
     assert lim.measured["bandwidth"] == lim.bandwidth
-    with pytest.raises(KeyError):
+    with pytest.raises(UnsupportedDtypeError, match="has no fp8 figure.*known: .*pick one"):
         lim.flops("fp8")
     with pytest.raises(ValueError):
         measure.device_limits("cpu", measure=False)

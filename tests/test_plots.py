@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from llmopt_lab import measure  # noqa: E402
+from llmopt_lab.errors import UnsupportedDtypeError  # noqa: E402
 from llmopt_lab.measure import plots  # noqa: E402
 
 PROV = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0",
@@ -56,7 +57,7 @@ def test_roofline_artists():
     assert "NVIDIA H100" in _stamp(fig)
     _renders(fig)
     assert len(plots.roofline(LIMITS, provenance=PROV).axes[0].lines) == 2  # bf16 by default
-    with pytest.raises(KeyError):
+    with pytest.raises(UnsupportedDtypeError, match="has no int8 figure"):
         plots.roofline(LIMITS, dtypes=["int8"], provenance=PROV)
 
 

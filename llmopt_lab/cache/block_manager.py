@@ -70,6 +70,8 @@ class BlockSequence:
         ``tokens[num_cached_tokens:]`` from that position.
 
     Any object with these three attributes works in its place.
+
+    Raises: nothing; a plain record (the :class:`BlockManager` raises).
     """
 
     tokens: list[int]
@@ -113,6 +115,14 @@ class BlockManager:
     Counters (prefix cache): ``hits`` prompt tokens served from the cache,
     ``misses`` prompt tokens computed, ``collisions`` hash matches whose token
     ids (or parent block) differed.
+
+    Raises:
+        CacheError: sizes that are not positive, an unknown ``name_when``, a
+            verb used out of order (allocating twice, appending to a sequence
+            that holds no blocks, a fork into a non-empty child), a broken
+            invariant.
+        OutOfBlocks: (a CacheError) allocate or append_slot with no free
+            block left (preempt a sequence first).
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = False,
@@ -414,7 +424,11 @@ def copy_blocks(pool, pairs) -> None:
     """Copy-on-write in the pool: for every layer, copy the keys and values
     (and ``k_scale``/``v_scale`` of an int8 pool) of each ``src`` block into
     its ``dst`` block. pairs: iterable of (src, dst) block ids; None entries
-    (append_slot with nothing to copy) are skipped."""
+    (append_slot with nothing to copy) are skipped.
+
+    Raises: nothing of its own; block ids come from a
+    :class:`BlockManager` (an id outside the pool is an IndexError of torch:
+    a bug of the caller, not a user input)."""
     pairs = [p for p in pairs if p is not None]
     if not pairs:
         return

@@ -33,12 +33,22 @@ from .pool import Int8KVPool, KVPool
 class BatchCache:
     """Sequence state for the rectangular call: ``batch_size`` sequences, one
     block of ``max_len`` slots each, and their lengths (B,) int64 (a device
-    tensor updated in place, never rebound)."""
+    tensor updated in place, never rebound).
+
+    Raises:
+        CacheError: a batch_size or max_len that is not a positive integer;
+            from :meth:`rect_step`, positions that are not a (B, T) integer
+            tensor, are negative or lie past max_len; from :meth:`truncate`,
+            lengths that are not one integer >= 0 per sequence; a batch of
+            another size than the cache's.
+    """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None,
                  dtype: torch.dtype = torch.float32):
-        if batch_size < 1 or max_len < 1:
-            raise CacheError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
+        if not all(hasattr(n, "__index__") and not isinstance(n, bool) for n in (batch_size, max_len)) \
+                or batch_size < 1 or max_len < 1:
+            raise CacheError(f"batch_size and max_len must be positive integers, got {batch_size!r}, "
+                             f"{max_len!r}")
         # the storage: one block of max_len slots per sequence (the pool class beside this one)
         super().__init__(config, batch_size, max_len, device, dtype)
         self._init_batch(batch_size, max_len)
@@ -60,14 +70,26 @@ class BatchCache:
         """The step of a (B, T) rectangle: row b's tokens at ``positions[b]``
         (consecutive), ``token_valid`` (B, T) False for right padding (written
         past the row's length, never attended to). Lengths grow to cover the
-        valid tokens. Raises CacheError when a position is past ``max_len``
-        (not checked while a CUDA graph is being captured: no host sync there)."""
+        valid tokens. Raises CacheError when ``positions`` is not a (B, T)
+        integer tensor, and when a position is negative or past ``max_len``
+        (values not checked while a CUDA graph is being captured: no host sync
+        there)."""
         B, T = input_ids.shape
+        if (not isinstance(positions, torch.Tensor) or tuple(positions.shape) != (B, T)
+                or positions.is_floating_point() or positions.dtype == torch.bool):
+            got = (f"{positions.dtype} {tuple(positions.shape)}" if isinstance(positions, torch.Tensor)
+                   else repr(positions))
+            raise CacheError(f"positions must be a ({B}, {T}) integer tensor like input_ids, got {got}")
         capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and positions.numel() and int(positions.max()) >= self.max_len:
-            raise CacheError(f"this call writes up to position {int(positions.max())}, past the cache's "
-                             f"limit of {self.max_len} positions per sequence: make the cache larger "
-                             f"(max_len) or the input shorter")
+        if not capturing and positions.numel():
+            lo, hi = torch.stack(torch.aminmax(positions)).tolist()  # one host sync for both
+            if lo < 0:
+                raise CacheError(f"positions must be >= 0, got {lo}: a negative position would "
+                                 "write into another sequence's slots")
+            if hi >= self.max_len:
+                raise CacheError(f"this call writes up to position {hi}, past the cache's limit of "
+                                 f"{self.max_len} positions per sequence: make the cache larger "
+                                 f"(max_len) or the input shorter")
         pos = positions if token_valid is None else positions.masked_fill(~token_valid, -1)
         self.lengths.copy_(torch.maximum(self.lengths, pos.max(dim=1).values + 1))
         slots = self._rows[:, None] * self.block_size + positions  # (B, T)
@@ -80,11 +102,13 @@ class BatchCache:
     def truncate(self, lengths: torch.Tensor) -> None:
         """Forget everything at positions >= lengths (B,) (rollback, e.g. of
         rejected draft tokens); later writes overwrite those slots. Raises
-        CacheError for a shape other than (B,) or a negative length."""
+        CacheError for a shape other than (B,), a non-integer dtype or a
+        negative length."""
         lengths = torch.as_tensor(lengths, device=self.device)
-        if lengths.shape != self.lengths.shape or bool((lengths < 0).any()):
-            raise CacheError(f"truncate takes one length >= 0 per sequence ({self.batch_size}), "
-                             f"got {lengths.tolist()}")
+        if (lengths.shape != self.lengths.shape or lengths.is_floating_point()
+                or lengths.is_complex() or bool((lengths < 0).any())):
+            raise CacheError(f"truncate takes one length >= 0 per sequence ({self.batch_size}, "
+                             f"integers), got {lengths.tolist()}")
         self.lengths.copy_(torch.minimum(self.lengths, lengths.to(self.lengths)))
 
     def reset(self) -> None:
@@ -107,7 +131,9 @@ class StaticCache(BatchCache, KVPool):
 
 class Int8Cache(BatchCache, Int8KVPool):
     """A static cache holding int8 codes and per-token, per-head float32
-    scales (``k_scale[layer]``: (B, Hkv, max_len, 1)); dequantized on read."""
+    scales (``k_scale[layer]``: (B, Hkv, max_len, 1)); dequantized on read.
+
+    Raises: CacheError as :class:`StaticCache` (sizes, positions, capacity)."""
 
 
 class DynamicCache(BatchCache, KVPool):
@@ -177,6 +203,8 @@ def make_cache(kind: str, config: ModelConfig, batch_size: int, max_len: int, de
 def kv_cache_bytes(config: ModelConfig, batch: int, tokens: int, dtype="bfloat16") -> float:
     """Bytes of a KV cache: 2 (K and V) x layers x kv_heads x head_dim x bytes
     per element x batch x tokens. dtype: a torch dtype or name ('int8' counts
-    one byte and ignores the scales)."""
+    one byte and ignores the scales).
+
+    Raises: ConfigError for an unknown dtype name."""
     return (2 * config.num_layers * config.num_kv_heads * config.head_dim
             * bytes_per_element(dtype) * batch * tokens)

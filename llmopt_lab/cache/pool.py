@@ -32,6 +32,9 @@ def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     x: (..., D) float. Returns q (..., D) int8 in [-127, 127] and scale (..., 1)
     float32 with x ~= q * scale (scale = absmax / 127; an all-zero vector gets
     scale 1 so it dequantizes to exactly zero).
+
+    Raises: nothing of its own (torch's errors for a tensor that is not
+    floating point).
     """
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True) / 127.0
@@ -41,7 +44,10 @@ def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """q (..., D) int8 and scale (..., 1) -> (..., D) in dtype."""
+    """q (..., D) int8 and scale (..., 1) -> (..., D) in dtype.
+
+    Raises: nothing of its own (torch's errors for shapes that do not
+    broadcast)."""
     return (q.float() * scale).to(dtype)
 
 
@@ -50,8 +56,8 @@ class KVPool:
     token slots: ``k[layer]``, ``v[layer]`` each (num_blocks, Hkv, block_size, D)
     in ``dtype``. Memory: 2 x layers x num_blocks x block_size x Hkv x D x bytes.
 
-    Raises CacheError for non-positive sizes or a block longer than the
-    model's context.
+    Raises CacheError for sizes that are not positive integers or a block
+    longer than the model's context.
     """
 
     #: True for storage that reallocates as it grows (a CUDA graph cannot capture it)
@@ -62,9 +68,10 @@ class KVPool:
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, device=None,
                  dtype: torch.dtype = torch.float32):
-        if num_blocks < 1 or block_size < 1:
-            raise CacheError(f"num_blocks and block_size must be positive, got {num_blocks}, "
-                             f"{block_size}")
+        if not all(hasattr(n, "__index__") and not isinstance(n, bool) for n in (num_blocks, block_size)) \
+                or num_blocks < 1 or block_size < 1:
+            raise CacheError(f"num_blocks and block_size must be positive integers, got {num_blocks!r}, "
+                             f"{block_size!r}")
         if block_size > config.max_position_embeddings:
             raise CacheError(
                 f"a cache of {block_size} tokens exceeds the model's context of "
@@ -155,7 +162,11 @@ class KVPool:
 class Int8KVPool(KVPool):
     """A pool holding int8 codes plus one float32 scale per token and head
     (``k_scale[layer]``: (num_blocks, Hkv, block_size, 1)); reads dequantize to
-    ``dtype``. Half the bytes of bf16 (plus 4 bytes per token and head)."""
+    ``dtype``. Half the bytes of bf16 (plus 4 bytes per token and head).
+
+    Raises: CacheError as :class:`KVPool` (sizes that are not positive
+    integers, a block longer than the context, a model of another shape,
+    dtype or device)."""
 
     raw_blocks = False  # int8 codes: the paged kernels read floats
 

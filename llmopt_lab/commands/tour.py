@@ -44,7 +44,12 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..benchmarks import BENCHMARKS
 
+    from ..errors import LlmoptError
+
     out = Path(args.out) if args.out else None
+    if not args.full and args.size != "auto":
+        raise LlmoptError(f"--size {args.size!r} applies to the benchmarks of `tour --full`; the short "
+                          "tour has one size (add --full, or leave --size out)")
     if args.full:
         return run_benchmarks(BENCHMARKS, args.device, args.size, out, plot=not args.no_plot,
                               progress=not args.quiet)

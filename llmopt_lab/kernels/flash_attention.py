@@ -251,7 +251,7 @@ def per_sequence(name: str, value, batch: int, device: torch.device,
             raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but q on {device}")
-        if value.device.type == "cpu" and value.numel() and int(value.min()) < 0:
+        if nonnegative and value.device.type == "cpu" and value.numel() and int(value.min()) < 0:
             raise ValueError(f"{name} must be >= 0, got {value.tolist()}")
         return value.to(torch.int32)
     if isinstance(value, bool) or not isinstance(value, int):

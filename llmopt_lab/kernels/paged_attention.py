@@ -279,6 +279,24 @@ def _check_index(name: str, label: str, t, dims: int, shape: tuple, device) -> t
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _check_ranges(name: str, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                  query_start: torch.Tensor, N: int, num_blocks: int) -> None:
+    """ValueError for values the kernels would read memory with out of bounds:
+    negative context lengths, query_start not rising from 0 to N, block ids
+    outside 0..num_blocks-1. Only for CPU tensors (reading CUDA ones costs a
+    host sync every step and breaks CUDA-graph capture)."""
+    if context_lens.numel() and int(context_lens.min()) < 0:
+        raise ValueError(f"{name}: context_lens must be >= 0, got {context_lens.tolist()}")
+    qs = query_start.tolist()
+    if qs[0] != 0 or qs[-1] != N or any(b < a for a, b in zip(qs, qs[1:])):
+        raise ValueError(f"{name}: query_start must rise from 0 to N = {N} (cumulative query "
+                         f"counts), got {qs}")
+    if block_tables.numel() and (int(block_tables.min()) < 0
+                                 or int(block_tables.max()) >= num_blocks):
+        raise ValueError(f"{name}: block_tables hold block ids {int(block_tables.min())}.."
+                         f"{int(block_tables.max())}, outside the cache's 0..{num_blocks - 1}")
+
+
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the paged kernels can run on these tensors here: q (N, Hq, D) and
     k_cache (num_blocks, Hkv, block_size, D) of a supported dtype, head_dim and
@@ -324,7 +342,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Returns (N, Hq, D) in q's dtype (a row that sees no key: zeros). Falls back
     to :func:`reference.paged_attention_ref` where no kernel can run (it reads
     the device). Raises ValueError on bad shapes, dtypes, head dims, block
-    sizes, devices or arguments.
+    sizes, devices or arguments; for CPU tensors also on negative
+    context_lens, a query_start that does not rise from 0 to N, or block ids
+    outside the cache (CUDA tensors' values are not read: no host sync).
     """
     name = "paged_attention"
     _check_cache(name, q, k_cache, v_cache)
@@ -338,6 +358,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_tables = _check_index(name, "block_tables", block_tables, 2, (S, None), q.device)
     context_lens = _check_index(name, "context_lens", context_lens, 1, (S,), q.device)
     query_start = _check_index(name, "query_start", query_start, 1, (S + 1,), q.device)
+    if q.device.type == "cpu":  # cheap here; on a GPU reading them would cost a host sync
+        _check_ranges(name, block_tables, context_lens, query_start, N, k_cache.shape[0])
     if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
         raise ValueError(f"{name}: max_queries must be a positive int (the most queries of "
                          f"one sequence in this step), got {max_queries!r}")

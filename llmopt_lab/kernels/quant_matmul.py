@@ -633,11 +633,17 @@ def check_int8_weight(qweight_t: torch.Tensor, scales: torch.Tensor) -> tuple[in
 
 
 def check_w8a8_weight(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[int, int]:
-    """Validate the W8A8 weight (qweight (N, K) int8, scales (N,) float32); returns (N, K)."""
+    """Validate the W8A8 weight (qweight (N, K) int8, scales (N,) float32); returns (N, K).
+    Raises ValueError for other dtypes or shapes, naming a weight that looks
+    transposed ((K, N) with N scales) as such."""
     if qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise ValueError(f"w8a8 weight must be a 2-D int8 tensor (N, K), got {qweight.dtype} "
                          f"{tuple(qweight.shape)}")
     N, K = qweight.shape
+    if scales.dim() == 1 and scales.shape[0] == K != N:
+        raise ValueError(f"w8a8 weight of shape {tuple(qweight.shape)} with {K} scales: the weight "
+                         f"looks transposed; w8a8_matmul takes it as (N, K) = ({K}, {N}) here, one "
+                         "row per output feature (pass qweight.t())")
     if scales.shape != (N,) or scales.dtype != torch.float32 or scales.device != qweight.device:
         raise ValueError(f"w8a8 scales must be float32 of shape ({N},) on {qweight.device}, got "
                          f"{scales.dtype} {tuple(scales.shape)} on {scales.device}")
@@ -648,13 +654,19 @@ def check_int4_weight(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.T
                       group_size: int) -> tuple[int, int]:
     """Validate the packed int4 format (packed (K // 2, N) uint8, scales and
     zeros (K // G, N)); returns (N, K). Raises ValueError with the reason
-    (unsupported group size, K not a multiple of it, shapes, dtypes)."""
+    (unsupported group size, K not a multiple of it, shapes, dtypes, a
+    weight that looks transposed)."""
     if group_size not in GROUP_SIZES:
         raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {group_size!r}")
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"packed int4 weight must be a 2-D uint8 tensor (K // 2, N), got "
                          f"{packed.dtype} {tuple(packed.shape)}")
     K, N = packed.shape[0] * 2, packed.shape[1]
+    if scales.dim() == 2 and scales.shape[1] == packed.shape[0] != packed.shape[1]:
+        raise ValueError(f"packed int4 weight of shape {tuple(packed.shape)} with scales of shape "
+                         f"{tuple(scales.shape)}: the weight looks transposed; int4_matmul takes it "
+                         f"as (K // 2, N) = ({packed.shape[1]}, {packed.shape[0]}) here (pass "
+                         "packed.t())")
     if K % group_size:
         raise ValueError(f"in_features {K} is not a multiple of the group size {group_size}")
     G = K // group_size
@@ -824,6 +836,8 @@ def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
     float, times ``input_scale`` (K,) float32 when given, quantized to int8 per
     token inside the kernel; int32 accumulation. Returns (..., N) in x's dtype.
     Falls back to :func:`reference.w8a8_matmul_ref` where no kernel can run.
+    Raises ValueError on bad shapes, dtypes, devices or configs (a weight
+    given as (K, N) is named as transposed).
     """
     N, K = check_w8a8_weight(qweight, w_scales)
     _check_x("w8a8_matmul", x, K, qweight.device)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UnsupportedDtypeError
 from .results import device_name
 from .timing import GiB, MiB, _device, time_fn
 
@@ -232,6 +233,14 @@ def lookup_gpu(name: str, memory_bytes: int | None = None,
     return None
 
 
+class UnknownDtypeFigure(UnsupportedDtypeError, KeyError):
+    """A device's limits have no peak-FLOP/s figure for this dtype. A
+    library error (UnsupportedDtypeError, a ValueError) and, for code written
+    against the older behaviour, also a KeyError."""
+
+    __str__ = BaseException.__str__  # the message, not KeyError's quoted repr
+
+
 @dataclass
 class DeviceLimits:
     """What a device can do at most.
@@ -252,11 +261,16 @@ class DeviceLimits:
     note: str = ""
 
     def flops(self, dtype: Any) -> float:
-        """Peak FLOP/s for a dtype (torch dtype or key). Raises KeyError when unknown."""
+        """Peak FLOP/s for a dtype (torch dtype or key).
+
+        Raises:
+            UnknownDtypeFigure: (an UnsupportedDtypeError, also a KeyError as
+                before) when these limits have no figure for the dtype.
+        """
         key = dtype_key(dtype)
         if key not in self.peak_flops:
-            raise KeyError(f"{self.name} has no {key} figure ({self.source}); known: "
-                           f"{', '.join(self.peak_flops)}")
+            raise UnknownDtypeFigure(f"{self.name} has no {key} figure ({self.source}); known: "
+                                     f"{', '.join(self.peak_flops)}; pick one of those dtypes")
         return self.peak_flops[key]
 
     def ridge_point(self, dtype: Any) -> float:

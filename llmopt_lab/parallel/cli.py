@@ -71,14 +71,27 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    from ..errors import ParallelError
     from .comm import init_from_env
     from .tasks import TASKS
 
+    # the arguments first: a bad one is named before any process group is joined
+    if args.kwargs:
+        try:
+            kwargs = json.loads(args.kwargs)
+        except json.JSONDecodeError as e:
+            raise ParallelError(f"--kwargs must be a JSON object of the task's arguments, got "
+                                f"{args.kwargs[:60]!r} ({e.msg})") from None
+        if not isinstance(kwargs, dict):
+            raise ParallelError(f"--kwargs must be a JSON object (a dict), got {args.kwargs[:60]!r}")
+    else:
+        if args.max_new_tokens < 1:
+            raise ParallelError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if args.mode == "pp" and min(args.micro_batches) < 1:
+            raise ParallelError(f"--micro-batches must be >= 1, got {args.micro_batches}")
     backend = args.backend or os.environ.get("LLMOPT_PARALLEL_BACKEND") or None
     comm = init_from_env(backend)
-    if args.kwargs:
-        kwargs = json.loads(args.kwargs)
-    else:
+    if not args.kwargs:
         kwargs = {} if args.mode == "allreduce" else {"model": args.model, "prompts": args.prompt,
                                                        "max_new_tokens": args.max_new_tokens}
         if args.mode == "pp":

@@ -33,7 +33,9 @@ from ..errors import ParallelError
 class CommStats:
     """Counters of one Comm: calls, bytes handed in (per rank) and seconds
     spent in the calls, per kind of operation ('all_reduce', 'all_gather',
-    'send', 'recv', 'broadcast')."""
+    'send', 'recv', 'broadcast').
+
+    Raises: nothing; a plain record of counters."""
 
     calls: dict = field(default_factory=dict)
     bytes: dict = field(default_factory=dict)
@@ -210,7 +212,12 @@ def init_from_env(backend: str | None = None, timed: bool = True) -> Comm:
 
 
 def device_for(comm: Comm) -> torch.device:
-    """The device this rank computes on: ``cuda:LOCAL_RANK`` under NCCL, else CPU."""
+    """The device this rank computes on: ``cuda:LOCAL_RANK`` under NCCL, else CPU.
+
+    Raises: ParallelError for a ``comm`` that is not a :class:`Comm`."""
+    if not isinstance(comm, Comm):
+        raise ParallelError(f"device_for takes a Comm (init_from_env() or Comm.single()), got "
+                            f"{type(comm).__name__}")
     if comm.backend == "nccl":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")

@@ -29,14 +29,23 @@ __all__ = ["free_port", "launch", "torchrun_command"]
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Raises: OSError only when the system has no socket to give."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def torchrun_command(mode: str, nprocs: int, port: int, out_dir: str, kwargs: dict) -> list[str]:
-    """The argv of one local launch (see the module doc)."""
+    """The argv of one local launch (see the module doc).
+
+    Raises: ParallelError for an nprocs that is not a positive integer or a
+    port outside 1..65535."""
+    if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
+        raise ParallelError(f"nprocs must be a positive integer, got {nprocs!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ParallelError(f"port must be an integer in 1..65535, got {port!r}")
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nprocs}",
             "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "llmopt_lab", "parallel", mode,
             "--json-out", out_dir, "--kwargs", json.dumps(kwargs)]
@@ -54,7 +63,8 @@ def launch(mode: str, nprocs: int = 2, timeout: float = 600, threads_per_process
     aborting, not a Python error) is started once more, with a warning on
     stderr; its results are then those of the second run.
 
-    Raises ParallelError for an unknown mode, a run that fails (with the
+    Raises ParallelError for an unknown mode, an nprocs or timeout that is
+    not positive, a run that fails (with the
     tail of its output: a worker's own traceback where it wrote one) or one
     that exceeds ``timeout`` seconds.
     """
@@ -62,8 +72,10 @@ def launch(mode: str, nprocs: int = 2, timeout: float = 600, threads_per_process
 
     if mode not in TASKS:
         raise ParallelError(f"unknown parallel mode {mode!r}; choose from {', '.join(TASKS)}")
-    if not isinstance(nprocs, int) or nprocs < 1:
+    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
         raise ParallelError(f"nprocs must be a positive integer, got {nprocs!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ParallelError(f"timeout must be a positive number of seconds, got {timeout!r}")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_process), HF_HUB_OFFLINE="1",
                LLMOPT_PARALLEL_BACKEND="gloo", CUDA_VISIBLE_DEVICES="",
                TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"))

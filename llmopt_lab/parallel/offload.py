@@ -48,7 +48,10 @@ class LayerStreamer:
     ``get(i)`` returns layer i's tensors on the device (a name -> tensor
     dict), waiting for its copy; with prefetch it then starts copying layer
     i + 1 (mod the number of layers) on a side stream. ``bytes_copied`` and
-    ``copies`` count what moved."""
+    ``copies`` count what moved.
+
+    Raises: nothing of its own (:func:`offload` raises ParallelError for a
+    model or device it cannot use)."""
 
     def __init__(self, layers: nn.ModuleList, device: torch.device, prefetch: bool = True):
         self.device = torch.device(device)
@@ -105,7 +108,9 @@ class LayerStreamer:
 class StreamedLayer(nn.Module):
     """A decoder layer whose weights live on the host: forward fetches them
     from the :class:`LayerStreamer` and runs the layer with them
-    (``torch.func.functional_call``), arguments as DecoderLayer.forward."""
+    (``torch.func.functional_call``), arguments as DecoderLayer.forward.
+
+    Raises: what DecoderLayer.forward raises (nothing of its own)."""
 
     def __init__(self, layer: nn.Module, index: int, streamer: LayerStreamer):
         super().__init__()
@@ -127,6 +132,7 @@ class StreamedLayer(nn.Module):
 
 
 def is_offloaded(model) -> bool:
+    """True for a model :func:`offload` has prepared. Raises: nothing."""
     return getattr(model, "offload_streamer", None) is not None
 
 
@@ -138,9 +144,13 @@ def offload(model, device=None, prefetch: bool = True):
     the :class:`LayerStreamer` (its ``bytes_copied`` says what moved).
 
     Generation, perplexity and the engine run unchanged on the result, with
-    the same tokens. Raises ParallelError for a model already offloaded or
-    an unknown device.
+    the same tokens. Raises ParallelError for a model already offloaded,
+    one without decoder layers (not an llmopt_lab Transformer) or an unknown
+    device.
     """
+    if not isinstance(getattr(model, "layers", None), nn.ModuleList):
+        raise ParallelError(f"offload takes an llmopt_lab Transformer (decoder layers in "
+                            f"model.layers), got {type(model).__name__}")
     if is_offloaded(model):
         raise ParallelError("this model is already offloaded")
     try:

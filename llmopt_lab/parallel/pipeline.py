@@ -36,7 +36,7 @@ import torch
 
 from ..cache import StaticCache
 from ..errors import ParallelError
-from ..generate import check_token_ids, pad_prompts
+from ..generate import check_token_ids, pad_prompts, token_id_lists
 from .comm import Comm
 
 __all__ = ["partition_layers", "make_stage", "StageInfo", "pipeline_generate", "bubble_fraction"]
@@ -44,16 +44,21 @@ __all__ = ["partition_layers", "make_stage", "StageInfo", "pipeline_generate", "
 
 def bubble_fraction(stages: int, micro_batches: int) -> float:
     """The idle share of a forward-only pipeline with equal stage times:
-    (p - 1) / (m + p - 1). Raises ParallelError for counts below 1."""
-    if stages < 1 or micro_batches < 1:
-        raise ParallelError(f"stages and micro-batches must be >= 1, got {stages}, {micro_batches}")
+    (p - 1) / (m + p - 1). Raises ParallelError for counts that are not
+    integers >= 1."""
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (stages, micro_batches)) \
+            or stages < 1 or micro_batches < 1:
+        raise ParallelError(f"stages and micro-batches must be integers >= 1, got {stages!r}, "
+                            f"{micro_batches!r}")
     return (stages - 1) / (micro_batches + stages - 1)
 
 
 def partition_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
     """Contiguous [a, b) layer ranges, as equal as possible (earlier stages
     take the extra layer). Raises ParallelError when there are fewer layers
-    than stages."""
+    than stages or counts that are not integers."""
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (num_layers, stages)):
+        raise ParallelError(f"num_layers and stages must be integers, got {num_layers!r}, {stages!r}")
     if stages < 1 or num_layers < stages:
         raise ParallelError(f"cannot cut {num_layers} layers into {stages} pipeline stages: "
                             "each stage needs at least one layer")
@@ -68,6 +73,12 @@ def partition_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
 
 @dataclass
 class StageInfo:
+    """Where a pipeline stage sits: its index, the number of stages, its
+    [a, b) layer range in the full model and the full model's config.
+
+    Raises: nothing; a plain record (:func:`make_stage` raises ParallelError).
+    """
+
     stage: int
     num_stages: int
     layers: tuple[int, int]
@@ -134,15 +145,18 @@ def pipeline_generate(stage_model, comm: Comm, prompts, max_new_tokens: int,
     the first step and after the last, the same on every stage), ``bubble`` (1 -
     compute / wall on this stage) and ``comm`` (its :class:`CommStats`).
     Raises ParallelError when the model is not a stage of this group, for
-    more micro-batches than prompts; GenerationError for bad prompts.
+    more micro-batches than prompts; GenerationError for bad prompts (text,
+    ids that are not integers or lie outside the vocabulary).
     """
     info: StageInfo | None = getattr(stage_model, "pipeline", None)
     if info is None or info.num_stages != comm.world_size or info.stage != comm.rank:
         raise ParallelError("pipeline_generate needs this rank's stage: make_stage(model, "
                             "comm.rank, comm.world_size) on every rank")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ParallelError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    prompts = [list(map(int, p)) for p in prompts]
+    prompts = token_id_lists(prompts)
+    if not prompts:
+        raise ParallelError("pipeline_generate needs at least one prompt")
     check_token_ids(prompts, info.full_config.vocab_size)
     if not 1 <= micro_batches <= len(prompts):
         raise ParallelError(f"micro_batches must be between 1 and the {len(prompts)} prompts, "

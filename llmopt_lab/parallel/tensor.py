@@ -56,10 +56,22 @@ __all__ = ["apply_tensor_parallel", "column_split", "row_split", "split_rows_of_
 
 
 # --------------------------------------------------------------- by hand
+def _check_rank_world(rank, world, what: str = "rank") -> None:
+    """ParallelError unless ``world`` is a positive integer and ``rank`` an
+    integer in 0..world-1 (a rank outside would get an empty or wrong shard)."""
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ParallelError(f"the parallel degree (world size) must be a positive integer, got {world!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ParallelError(f"{what} must be an integer in 0..{world - 1} (one per process of the "
+                            f"group), got {rank!r}")
+
+
 def column_split(weight: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Rank ``rank``'s output rows of ``weight`` (N, K): (N / world, K).
 
-    Raises ParallelError when N is not a multiple of ``world``."""
+    Raises ParallelError when N is not a multiple of ``world``, for a
+    ``world`` below 1 or a ``rank`` outside 0..world-1."""
+    _check_rank_world(rank, world)
     N = weight.shape[0]
     if N % world:
         raise ParallelError(f"cannot split {N} output features over {world} ranks evenly")
@@ -70,7 +82,9 @@ def column_split(weight: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 def row_split(weight: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Rank ``rank``'s input columns of ``weight`` (N, K): (N, K / world).
 
-    Raises ParallelError when K is not a multiple of ``world``."""
+    Raises ParallelError when K is not a multiple of ``world``, for a
+    ``world`` below 1 or a ``rank`` outside 0..world-1."""
+    _check_rank_world(rank, world)
     K = weight.shape[1]
     if K % world:
         raise ParallelError(f"cannot split {K} input features over {world} ranks evenly")
@@ -81,8 +95,9 @@ def row_split(weight: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 # ------------------------------------------------------ slicing any linear
 def split_rows_of_linear(linear: nn.Module, rows: slice) -> nn.Module:
     """A new layer computing only output features ``rows`` of ``linear``
-    (column parallelism). nn.Linear, Int8Linear and Int4Linear; raises
-    ParallelError for other layer types."""
+    (column parallelism). nn.Linear, Int8Linear and Int4Linear.
+
+    Raises: ParallelError for other layer types."""
     if type(linear) is nn.Linear:
         w = linear.weight.detach()[rows].clone()
         out = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None,
@@ -143,7 +158,10 @@ def split_cols_of_linear(linear: nn.Module, cols: slice, keep_bias: bool) -> nn.
 # ---------------------------------------------------------------- modules
 class RowParallelLinear(nn.Module):
     """``inner`` (a slice of the input features) followed by an all-reduce:
-    x (..., K / p) -> (..., N), the same on every rank."""
+    x (..., K / p) -> (..., N), the same on every rank.
+
+    Raises: ParallelError from the collective when the group fails; nothing
+    of its own."""
 
     def __init__(self, inner: nn.Module, comm: Comm):
         super().__init__()
@@ -158,7 +176,11 @@ class RowParallelLinear(nn.Module):
 
 class VocabParallelEmbedding(nn.Module):
     """Rows ``[start, start + V/p)`` of an embedding; ids (...) -> (..., hidden)
-    after an all-reduce (each id's row lives on exactly one rank)."""
+    after an all-reduce (each id's row lives on exactly one rank).
+
+    Raises: ParallelError from the collective when the group fails; ids
+    outside the full vocabulary are the caller's to refuse
+    (:func:`~llmopt_lab.generate.check_token_ids`)."""
 
     def __init__(self, weight: torch.Tensor, start: int, vocab_size: int, comm: Comm):
         super().__init__()
@@ -177,7 +199,10 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelHead(nn.Module):
-    """The logits of vocabulary slice r, gathered: x (..., hidden) -> (..., V)."""
+    """The logits of vocabulary slice r, gathered: x (..., hidden) -> (..., V).
+
+    Raises: ParallelError from the collective when the group fails (see
+    :class:`~llmopt_lab.parallel.Comm`); nothing of its own."""
 
     def __init__(self, inner: nn.Module, comm: Comm):
         super().__init__()
@@ -193,7 +218,9 @@ class VocabParallelHead(nn.Module):
 
 @dataclass
 class TPInfo:
-    """What :func:`apply_tensor_parallel` did on this rank."""
+    """What :func:`apply_tensor_parallel` did on this rank.
+
+    Raises: nothing; a plain record."""
 
     rank: int
     world_size: int
@@ -202,6 +229,7 @@ class TPInfo:
 
 
 def is_tensor_parallel(model: nn.Module) -> bool:
+    """True for a model :func:`apply_tensor_parallel` has sharded. Raises: nothing."""
     return getattr(model, "tensor_parallel", None) is not None
 
 
@@ -211,7 +239,9 @@ def kv_heads_for_rank(num_heads: int, num_kv_heads: int, rank: int, world: int) 
     Raises ParallelError when the heads cannot be split evenly: query heads
     must be a multiple of ``world``; KV heads a multiple of ``world``, or
     ``world`` a multiple of the KV heads (then each KV head is replicated on
-    ``world / num_kv_heads`` ranks)."""
+    ``world / num_kv_heads`` ranks); also for a ``world`` below 1 or a
+    ``rank`` outside 0..world-1."""
+    _check_rank_world(rank, world)
     if num_heads % world:
         raise ParallelError(f"{num_heads} query heads cannot be split over {world} ranks: "
                             f"choose a degree that divides {num_heads}")
@@ -255,9 +285,14 @@ def apply_tensor_parallel(model, comm: Comm):
 
     Raises ParallelError when heads, KV heads, MLP width or vocabulary do not
     split over the degree, for layer types it cannot slice, for an int4
-    row-parallel slice that would cut a group, or when applied twice.
+    row-parallel slice that would cut a group, when applied twice, or for a
+    ``comm`` that is not a :class:`Comm` with a rank in 0..world_size-1.
     """
     _check_model(model)
+    if not isinstance(comm, Comm):
+        raise ParallelError(f"apply_tensor_parallel needs a Comm (init_from_env() under torchrun, or "
+                            f"Comm.single()), got {type(comm).__name__}")
+    _check_rank_world(comm.rank, comm.world_size, "comm.rank")
     cfg = model.config
     p, r = comm.world_size, comm.rank
     if cfg.vocab_size % p:
@@ -323,7 +358,11 @@ def decode_comm_bytes(config, batch: int, world: int, bytes_per_element: float =
     ``all_gather_bytes`` (batch x V / world logits), and ``ring_bytes_sent``:
     what a ring all-reduce actually sends per rank, 2 (p - 1) / p of the
     payload (reduce-scatter then all-gather), plus (p - 1) / p of the
-    gathered logits."""
+    gathered logits. Raises ParallelError for a ``world`` below 1 or a
+    negative ``batch``."""
+    _check_rank_world(0, world)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ParallelError(f"batch must be an integer >= 0 (tokens per decode step), got {batch!r}")
     calls = 2 * config.num_layers + 1
     payload = calls * batch * config.hidden_size * bytes_per_element
     gather = batch * config.vocab_size / world * bytes_per_element

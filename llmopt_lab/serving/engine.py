@@ -17,6 +17,7 @@ prompt is complete, and retires those that stop. :meth:`add_request` and
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import time
@@ -28,6 +29,7 @@ import torch
 from ..cache import KVPool, copy_blocks
 from ..cache.block_manager import BlockManager, _blocks_for
 from ..cache.pool import Int8KVPool
+from ..config import ModelConfig
 from ..errors import GenerationError, ServingError
 from ..generate import check_token_ids, row_params
 from ..sampling import SamplingParams, sample_rows
@@ -52,6 +54,8 @@ class EngineStats:
     to the queue; batch_tokens / batch_seqs: sums over steps (divide by steps
     for the mean step size); kv_blocks_used: sum over steps of the blocks held
     (divide by steps x num_blocks for the mean KV utilisation).
+
+    Raises: nothing; a plain record of counters.
     """
 
     steps: int = 0
@@ -90,7 +94,8 @@ class Engine:
         CUDA GPU);
       clock: a function returning seconds (time.perf_counter).
 
-    Raises ServingError for unknown options and values out of range.
+    Raises ServingError for a ``model`` that is not a model, unknown options
+    and values out of range (GraphError for ``cuda_graph`` without a GPU).
     """
 
     def __init__(self, model, tokenizer=None, *, policy: str = "continuous",
@@ -99,6 +104,9 @@ class Engine:
                  num_blocks: int | None = None, kv_bytes: int | None = None,
                  block_size: int = 16, kv_dtype: str = "auto", prefix_caching: bool = False,
                  cuda_graph: bool = False, clock=time.perf_counter):
+        if not isinstance(getattr(model, "config", None), ModelConfig):
+            raise ServingError(f"Engine takes a model (an llmopt_lab Transformer, e.g. from "
+                               f"load_model(name)[0]), got {type(model).__name__}")
         config = model.config
         self.model, self.tokenizer, self.clock = model, tokenizer, clock
         self.max_model_len = config.max_position_embeddings
@@ -162,11 +170,18 @@ class Engine:
         Raises ServingError for an empty prompt, ids outside the vocabulary,
         prompt + max_new_tokens beyond the model's context, a request that
         cannot fit the whole KV budget, or (without chunked prefill) a prompt
-        longer than max_num_batched_tokens.
+        longer than max_num_batched_tokens, token ids that are not integers
+        (floats, bools, a float tensor), and an arrival_time that is not a
+        finite number.
         """
         ids = self._encode(prompt)
         params = SamplingParams() if params is None else params
         self._validate(ids, params)
+        if arrival_time is not None and (isinstance(arrival_time, bool)
+                                         or not isinstance(arrival_time, (int, float))
+                                         or not math.isfinite(arrival_time)):
+            raise ServingError(f"arrival_time must be a finite number of seconds on the engine's "
+                               f"clock (or None for now), got {arrival_time!r}")
         rid = self._next_id
         self._next_id += 1
         seq = Sequence(request_id=rid, prompt=ids, params=params,
@@ -371,6 +386,9 @@ class Engine:
         elif isinstance(prompt, torch.Tensor):
             if prompt.dim() != 1:
                 raise ServingError(f"a prompt tensor must be 1-D, got shape {tuple(prompt.shape)}")
+            if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+                raise ServingError(f"token ids must be integers, got a {prompt.dtype} tensor; token ids "
+                                   "come from a tokenizer")
             ids = prompt.tolist()
         else:
             try:
@@ -401,7 +419,11 @@ class Engine:
             return [prompts]
         if isinstance(prompts, torch.Tensor):
             return list(prompts)
-        prompts = list(prompts)
+        try:
+            prompts = list(prompts)
+        except TypeError:
+            raise ServingError("prompts must be a list of prompts (token-id lists, or strings with a "
+                               f"tokenizer) or one prompt, got {type(prompts).__name__}") from None
         if prompts and isinstance(prompts[0], int) and not isinstance(prompts[0], bool):
             return [prompts]  # one prompt of token ids
         if not prompts:

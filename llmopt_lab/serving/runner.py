@@ -28,7 +28,10 @@ class ModelRunner:
     ``pool_cls``: the storage class (:class:`~llmopt_lab.cache.KVPool`, or
     :class:`~llmopt_lab.cache.pool.Int8KVPool` for int8 K/V).
     cuda_graph: replay decode-only steps of up to ``max_num_seqs`` sequences
-    from CUDA graphs (raises GraphError when the model is not on a CUDA GPU).
+    from CUDA graphs.
+
+    Raises: GraphError for ``cuda_graph`` when the model is not on a CUDA
+    GPU.
     """
 
     def __init__(self, model, num_blocks: int, block_size: int, pool_cls=KVPool,

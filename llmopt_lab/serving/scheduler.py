@@ -74,7 +74,9 @@ class ScheduledBatch:
     that compute one padding token each; ``copies``: (src, dst) block copies
     (copy-on-write) to make before the step; ``preempted``: sequences sent
     back to the queue while scheduling; ``admitted``: sequences that got their
-    blocks in this step (their ``num_cached_tokens`` came from the prefix cache)."""
+    blocks in this step (their ``num_cached_tokens`` came from the prefix cache).
+
+    Raises: nothing; a plain record."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
@@ -91,7 +93,11 @@ class ScheduledBatch:
 class Scheduler:
     """Queues and the policy. The engine calls :meth:`add`, then
     :meth:`schedule` before each step and :meth:`finish` for each sequence
-    that ends."""
+    that ends.
+
+    Raises: ServingError from its :class:`SchedulerConfig` (unknown policy,
+    sizes out of range); CacheError from the block manager when a verb is
+    used out of order."""
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
         self.config, self.bm = config, block_manager

@@ -24,6 +24,8 @@ from ..sampling import SamplingParams
 
 
 class Status(enum.Enum):
+    """Where a sequence is in the engine. Raises: nothing."""
+
     WAITING = "waiting"  # not admitted yet, or preempted (holds no blocks)
     RUNNING = "running"  # holds blocks; scheduled in the steps
     FINISHED = "finished"
@@ -39,6 +41,9 @@ class RequestOutput:
     "stop" (a stop token, included in token_ids), "length" (max_new_tokens or
     the model's context) or "abort". Times are seconds on the engine's clock:
     arrival_time (added), first_token_time, finish_time (None until then).
+
+    Raises: nothing; a plain record (the :class:`~llmopt_lab.serving.Engine`
+    raises ServingError for bad requests).
     """
 
     request_id: int
@@ -69,7 +74,9 @@ class RequestOutput:
 @dataclass(eq=False)
 class Sequence:
     """One request in the engine (the block manager reads ``tokens``,
-    ``block_table`` and ``num_cached_tokens``)."""
+    ``block_table`` and ``num_cached_tokens``).
+
+    Raises: nothing; a plain record (the engine validates requests)."""
 
     request_id: int
     prompt: list[int]

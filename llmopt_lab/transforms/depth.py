@@ -54,11 +54,20 @@ def block_influence(model, batches: Sequence[torch.Tensor]) -> list[float]:
 
     Returns a list of floats, one per block (0: the block leaves the
     residual stream's direction unchanged; larger: it changes it more).
-    Raises TransformError for a model without decoder layers or no batches.
+    Raises TransformError for a model without decoder layers, no batches,
+    or batches that are not (B, T) integer token tensors within the
+    vocabulary (or hold no tokens).
     """
+    from ..errors import QuantizationError
+    from .quantize.calibration import check_calibration
+
     layers = _layers(model)
-    if not batches:
+    if batches is None or (isinstance(batches, (list, tuple)) and not batches):
         raise TransformError("block_influence needs at least one calibration batch")
+    try:
+        check_calibration(batches, model, "block_influence")
+    except QuantizationError as e:  # the same checks as quantization's; this module's error class
+        raise TransformError(str(e)) from None
     sums = [0.0] * len(layers)
     count = 0
     hooks = []

@@ -111,6 +111,12 @@ def wanda_scores(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.Tens
     return weight.detach().float().abs() * input_sq_sum.float().clamp_min(0).sqrt()[None, :]
 
 
+def _check_block_size(block_size) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise PruningError(f"block_size must be a positive integer (columns pruned together), "
+                           f"got {block_size!r}")
+
+
 def sparsegpt_prune_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5,
                           pattern: str | None = None, block_size: int = 128,
                           damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,9 +130,11 @@ def sparsegpt_prune_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float
     upper Cholesky factor U of H^-1 (W[:, j:] -= err_j * U[j, j:] / U[j, j]).
     ``damp`` adds that fraction of the mean diagonal to H (a dead input
     channel gets a unit diagonal). Computed in float32; the result has the
-    weight's dtype. Raises PruningError for mismatched shapes or a Hessian
-    that stays singular.
+    weight's dtype. Raises PruningError for mismatched shapes, a
+    ``block_size`` that is not a positive integer, or a Hessian that stays
+    singular.
     """
+    _check_block_size(block_size)
     W = weight.detach().float().clone()
     N, K = W.shape
     if H.shape != (K, K):
@@ -218,10 +226,11 @@ def prune(model: nn.Module, method: str = "magnitude", sparsity: float = 0.5,
     input weights. calibration: (B, T) token batches from the training split
     (Wanda and SparseGPT). scope: "layer" or "global" (magnitude only: one
     threshold over all the pruned layers). Returns a :class:`PruneReport`.
-    Raises PruningError for an unknown method or scope, a bad sparsity or
-    pattern, or a missing calibration set; TransformError for a model without
-    decoder blocks.
+    Raises PruningError for an unknown method or scope, a bad sparsity,
+    pattern or block_size, or a missing or bad calibration set;
+    TransformError for a model without decoder blocks.
     """
+    _check_block_size(block_size)
     if method not in METHODS:
         raise PruningError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
     if scope not in ("layer", "global"):
@@ -294,7 +303,13 @@ def _prune_calibrated(model, method, sparsity, pattern, batches, include_lm_head
 
 def is_n_m_sparse(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     """True when every M consecutive entries of each row (along the input
-    dimension) hold at most N nonzeros."""
+    dimension) hold at most N nonzeros. Raises PruningError unless
+    0 <= n <= m are integers with m >= 1 and ``weight`` is 2-D."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)) or not 0 <= n <= m \
+            or m < 1:
+        raise PruningError(f"an N:M pattern needs integers 0 <= n <= m, m >= 1; got n={n!r}, m={m!r}")
+    if weight.dim() != 2:
+        raise PruningError(f"is_n_m_sparse takes a 2-D weight (out, in), got shape {tuple(weight.shape)}")
     N, K = weight.shape
     if K % m:
         return False

@@ -38,7 +38,8 @@ import torch.nn as nn
 
 from ...errors import QuantizationError
 from ..surgery import num_blocks, replace_module
-from .calibration import LinearGroup, as_batches, collect_input_stats, decoder_groups, lm_head_group
+from .calibration import (LinearGroup, as_batches, check_calibration, collect_input_stats, decoder_groups,
+                          lm_head_group)
 from .formats import Int4Weight, check_group_size, quantize_int4
 from .layers import Int4Linear
 from .registry import register_method
@@ -283,9 +284,12 @@ def awq_quantize_model(model: nn.Module, calibration, group_size: int = 128, gri
     candidate scale is scored by: 'layer' (the output error of the layers
     themselves, from H) or 'module' (q/k/v by the attention block's output,
     gate/up by the MLP's; o and down by their own output either way).
-    Returns a report: {group name: chosen alpha}."""
+    Returns a report: {group name: chosen alpha}. Raises QuantizationError
+    for an unknown objective or missing or empty calibration data (no
+    batches, a batch without tokens, ids outside the vocabulary)."""
     if objective not in ("layer", "module"):
         raise QuantizationError(f"objective must be 'layer' or 'module', got {objective!r}")
+    check_calibration(calibration, model, "awq")
     batches = as_batches(calibration)
     report: dict[str, float] = {}
     todo = list(range(num_blocks(model))) + (["lm_head"] if include_lm_head else [])

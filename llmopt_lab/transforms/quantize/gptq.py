@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from ...errors import QuantizationError
 from ..surgery import num_blocks, replace_module
-from .calibration import as_batches, collect_input_stats, decoder_groups
+from .calibration import as_batches, check_calibration, collect_input_stats, decoder_groups
 from .formats import Int4Weight, check_group_size, check_low_bits, int4_group_params
 from .layers import Int4Linear
 from .registry import register_method
@@ -196,7 +196,10 @@ def gptq_quantize_model(model: nn.Module, calibration, group_size: int = 128, da
     asked), block by block: the inputs of block i are computed by the model
     whose blocks 0..i-1 are already quantized, so each block learns to
     compensate for the errors before it. Layers reading the same input (q/k/v,
-    gate/up) share one Hessian. Returns the model."""
+    gate/up) share one Hessian. Returns the model. Raises QuantizationError
+    for missing or empty calibration data (no batches, a batch without
+    tokens, ids that are not integer tokens of the model's vocabulary)."""
+    check_calibration(calibration, model, "gptq")
     batches = as_batches(calibration)
     layers = range(num_blocks(model))
     if progress:

@@ -36,7 +36,7 @@ from ...errors import QuantizationError
 from ...kernels.reference import quantize_per_token_int8_ref
 from ..surgery import decoder_blocks, num_blocks, replace_module
 from .awq import fold_scales
-from .calibration import as_batches, collect_input_stats, decoder_groups, lm_head_group
+from .calibration import as_batches, check_calibration, collect_input_stats, decoder_groups, lm_head_group
 from .formats import quantize_int8
 from .layers import W8A8Linear
 from .registry import register_method
@@ -87,7 +87,9 @@ def channel_outliers(x: torch.Tensor, top: int = 8) -> OutlierReport:
 @torch.no_grad()
 def activation_outliers(model: nn.Module, calibration, top: int = 8) -> dict[str, OutlierReport]:
     """Per-channel input absmax of every linear group of every decoder block
-    over the calibration batches: name ('layers.3.attn_in', ...) -> report."""
+    over the calibration batches: name ('layers.3.attn_in', ...) -> report.
+    Raises QuantizationError for missing or empty calibration data."""
+    check_calibration(calibration, model, "activation_outliers")
     reps = {}
     for i in range(num_blocks(model)):
         for g in decoder_groups(model, i):
@@ -173,9 +175,12 @@ def smoothquant_model(model: nn.Module, calibration, alpha: float = 0.5,
     group from one pass over the calibration batches (float model), smoothing
     factors ``s`` per group, folded into the previous op (or kept as the
     layer's input_scale), then every layer becomes a :class:`W8A8Linear` of
-    ``W * s``. Returns a report {group: max activation ratio before -> after}."""
+    ``W * s``. Returns a report {group: max activation ratio before -> after}.
+    Raises QuantizationError for an alpha outside [0, 1] or missing or empty
+    calibration data (no batches, a batch without tokens, bad token ids)."""
     if not 0.0 <= alpha <= 1.0:
         raise QuantizationError(f"alpha must be in [0, 1], got {alpha}")
+    check_calibration(calibration, model, "smoothquant")
     groups = [g for i in range(num_blocks(model)) for g in decoder_groups(model, i)]
     if include_lm_head:
         groups.append(lm_head_group(model))
