@@ -179,3 +179,30 @@ def test_ridge_batch_grader_never_and_not_implemented(capsys):
         check_ridge_batch(blank, cfg, cpu, "fp32", [64])
     assert isinstance(e.value.__cause__, NotImplementedError)
     assert "not implemented yet" in capsys.readouterr().out
+
+
+def test_kl_budget_plan_grader_accepts_near_optimal_plans_and_says_what_is_wrong(capsys):
+    import pytest
+    import torch
+
+    from llmopt_lab.course.grading import GradingError, check_kl_budget_plan
+    from llmopt_lab.transforms.quantize.mixed import Sensitivity, plan_bits
+
+    kl = torch.tensor([[0.0, 0.01, 0.2], [0.0, 0.02, 0.05], [0.0, 0.001, 0.01]], dtype=torch.float64)
+    nbytes = torch.tensor([[800, 400, 200], [800, 400, 200], [800, 400, 200]])
+    sens = Sensitivity(["a", "b", "c"], [(8, None), (4, 64), (2, 64)], kl, nbytes)
+    best = plan_bits(sens, kl_budget=0.04)
+    exact = lambda k, b, budget: [sens.formats.index(best.assignment[n]) for n in sens.layers]
+    assert check_kl_budget_plan(exact, sens, [0.04]) == {0.04: (best.nbytes, best.nbytes)}
+    with pytest.raises(GradingError, match="1 of 1"):
+        check_kl_budget_plan(lambda k, b, budget: [2, 2, 2], sens, [0.04])  # the cheapest: over budget
+    assert "over the budget" in capsys.readouterr().out
+    with pytest.raises(GradingError):
+        check_kl_budget_plan(lambda k, b, budget: [0, 0, 0], sens, [0.04])  # all int8: wasteful
+    assert "suffice" in capsys.readouterr().out
+    with pytest.raises(GradingError) as e:
+        check_kl_budget_plan(lambda k, b, budget: (_ for _ in ()).throw(NotImplementedError("todo")), sens, [0.04])
+    assert isinstance(e.value.__cause__, NotImplementedError)
+    with pytest.raises(GradingError):
+        check_kl_budget_plan(lambda k, b, budget: [0, 1], sens, [0.04])  # wrong length
+    assert "format indices" in capsys.readouterr().out

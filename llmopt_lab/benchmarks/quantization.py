@@ -802,9 +802,9 @@ def plot_lowbit(lowbit: dict, provenance: dict | None = None):
                     linestyle="-" if method != "mixed" else "none")
     ref = lowbit["rows"][0]["ppl_ref"]
     ax.axhline(ref, color="k", lw=0.8, ls=":", label=f"float32 ({ref:.2f})")
-    ax.set_yscale("log")
     ax.set_xlabel("decoder linear layers, packed (MiB)")
-    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_ylabel("held-out perplexity")
+    ax.grid(True, alpha=0.3)
     ax.set_title(f"Below four bits on {lowbit['model']}: same bytes, different methods")
     ax.legend(fontsize=8)
     if provenance:

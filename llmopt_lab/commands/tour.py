@@ -230,7 +230,9 @@ def run_benchmarks(benchmarks, device, size: str, out: Path | None, plot: bool =
     for b in benchmarks:
         module = b.load()
         chosen = resolve_size(module, size, dev)
+        started = measure.provenance(dev)  # the code that runs: a commit made meanwhile is not it
         result = module.run(chosen, dev, progress=progress)
+        result.setdefault("provenance", started)
         # a special size (bench 03's "real", bench 10's "gpu-full") never replaces the usual result
         suffix = "" if chosen in ("quick", "cpu", "gpu") else f"-{chosen}"
         path = measure.save_result(f"{b.number}_{b.name}{suffix}", result, root=folder, device=dev,
