@@ -2,8 +2,9 @@
 
 The exported API here: the names in ``llmopt_lab.__all__`` and in the
 ``__all__`` of the packages a learner imports from directly (cache, serving,
-parallel). Each docstring (a class's, or its ``__init__``'s) must have a
-"Raises" part naming what it raises, or saying that it raises nothing.
+parallel, measure, kernels, transforms, transforms.quantize). Each docstring
+(a class's, or its ``__init__``'s) must have a "Raises" part naming what it
+raises, or saying that it raises nothing.
 """
 
 import importlib
@@ -11,7 +12,9 @@ import inspect
 
 import pytest
 
-PACKAGES = ["llmopt_lab", "llmopt_lab.cache", "llmopt_lab.serving", "llmopt_lab.parallel"]
+PACKAGES = ["llmopt_lab", "llmopt_lab.cache", "llmopt_lab.serving", "llmopt_lab.parallel",
+            "llmopt_lab.measure", "llmopt_lab.kernels", "llmopt_lab.transforms",
+            "llmopt_lab.transforms.quantize"]
 
 
 def exported():
@@ -41,4 +44,5 @@ def test_exported_docstrings_say_what_they_raise(name, obj):
 def test_the_audit_covers_the_main_entry_points():
     names = {n.rsplit(".", 1)[-1] for n, _ in exported()}
     assert {"generate", "load_model", "Engine", "SamplingParams", "apply_tensor_parallel",
-            "StaticCache", "launch"} <= names
+            "StaticCache", "launch", "time_fn", "device_limits", "can_launch", "quantize",
+            "quantize_tensor", "Int4Linear", "find_modules"} <= names

@@ -93,7 +93,9 @@ def _probe_interpreter() -> str | None:
 def interpreter_problem() -> str | None:
     """Why Triton's interpreter cannot run the kernels here, or None (it can,
     or kernels are compiled, or there is no Triton). Probed once, lazily; the
-    kernels then fall back to their references, with a one-line notice."""
+    kernels then fall back to their references, with a one-line notice.
+
+    Raises nothing: a failing probe is caught and reported as the string."""
     global _interpreter_problem, _interpreter_probed
     if INTERPRETED and not _interpreter_probed:
         _interpreter_probed = True
@@ -106,7 +108,9 @@ def interpreter_problem() -> str | None:
 
 def mode() -> str:
     """How kernels run here: 'compiled', 'interpreter' or 'reference' (no
-    Triton, or an interpreter that cannot run them: :func:`interpreter_problem`)."""
+    Triton, or an interpreter that cannot run them: :func:`interpreter_problem`).
+
+    Raises nothing."""
     if not HAS_TRITON or interpreter_problem():
         return "reference"
     return "interpreter" if INTERPRETED else "compiled"
@@ -117,6 +121,9 @@ def can_launch(*tensors: torch.Tensor) -> bool:
 
     Compiled kernels need CUDA tensors; the interpreter needs CPU tensors (and
     an interpreter that works, see :func:`interpreter_problem`).
+
+    Raises: nothing for tensors (False where a kernel cannot run);
+    AttributeError for an argument that is not a tensor.
     """
     if not HAS_TRITON:
         return False
@@ -130,7 +137,9 @@ def launch_scope(name: str):
     """Context for one kernel launch: under the interpreter a profiler range
     ``triton::<name>`` (so that launch accounting on a CPU counts the launch
     once, not the interpreter's tensor work inside it); compiled, nothing
-    (the profiler sees the GPU kernel itself)."""
+    (the profiler sees the GPU kernel itself).
+
+    Raises nothing of its own; an exception in the block propagates."""
     import contextlib
 
     if INTERPRETED:
@@ -153,7 +162,10 @@ def compile_specs() -> list[dict]:
     GPU target (used by the cross-compilation test). A kernel module lists its
     own in a ``COMPILE_SPECS`` list of dicts: ``fn`` (the jitted function),
     ``signature`` and ``constexprs`` as :class:`triton.compiler.ASTSource`
-    takes them."""
+    takes them.
+
+    Raises nothing of its own (without Triton the list is empty); an error
+    from importing a broken kernel module propagates."""
     import importlib
 
     specs: list[dict] = []

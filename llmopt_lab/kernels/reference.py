@@ -195,6 +195,10 @@ def pack_int4_ref(codes: torch.Tensor) -> torch.Tensor:
 
     codes: (..., K) integers in [0, 15], K even. Byte j holds code 2j in its
     low nibble and code 2j + 1 in its high nibble. Returns (..., K // 2) uint8.
+
+    Raises ValueError (a plain one: this package imports no library errors)
+    naming K when the last dimension is odd: pad it to an even length. Codes
+    outside [0, 15] are not checked (their high bits are lost).
     """
     if codes.shape[-1] % 2:
         raise ValueError(f"pack_int4: the last dimension must be even, got {codes.shape[-1]}")
@@ -203,7 +207,10 @@ def pack_int4_ref(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4_ref(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4_ref`: (..., K // 2) uint8 -> (..., K) uint8 codes."""
+    """Inverse of :func:`pack_int4_ref`: (..., K // 2) uint8 -> (..., K) uint8 codes.
+
+    Raises: nothing of its own; torch's NotImplementedError for a floating-point
+    tensor (pass the uint8 bytes :func:`pack_int4_ref` made)."""
     low, high = packed & 0x0F, packed >> 4
     return torch.stack((low, high), dim=-1).flatten(-2)  # (..., K//2, 2) -> (..., K)
 

@@ -33,7 +33,10 @@ DTYPE_KEYS = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8")
 def native_bf16(device: Any = None) -> bool:
     """True where the device computes bfloat16 in hardware: a CUDA GPU of
     compute capability 8.0+, or a CPU with AVX512-BF16 or AMX (elsewhere torch
-    emulates bfloat16 on the CPU, slower than float32)."""
+    emulates bfloat16 on the CPU, slower than float32).
+
+    Raises: nothing of its own; torch's RuntimeError for a device it cannot
+    parse."""
     dev = _device(device)
     if dev.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -45,7 +48,10 @@ def native_bf16(device: Any = None) -> bool:
 
 def fastest_dtype(device: Any = None) -> torch.dtype:
     """The 16-bit dtype serving would use where the hardware has it: bfloat16
-    (native), float16 on a GPU without bf16, float32 on a CPU without bf16."""
+    (native), float16 on a GPU without bf16, float32 on a CPU without bf16.
+
+    Raises: nothing of its own; torch's RuntimeError for a device it cannot
+    parse."""
     dev = _device(device)
     if native_bf16(dev):
         return torch.bfloat16
@@ -53,7 +59,10 @@ def fastest_dtype(device: Any = None) -> torch.dtype:
 
 
 def dtype_key(dtype: Any) -> str:
-    """The :data:`DTYPE_KEYS` name of a torch dtype or a name ('bfloat16', 'bf16')."""
+    """The :data:`DTYPE_KEYS` name of a torch dtype or a name ('bfloat16', 'bf16').
+
+    Raises ValueError (a plain one) for a dtype with no key, naming it and the
+    known keys: pass one of those."""
     name = str(dtype).replace("torch.", "").lower()
     aliases = {"float32": "fp32", "float": "fp32", "fp32": "fp32", "tf32": "tf32",
                "float16": "fp16", "half": "fp16", "fp16": "fp16", "bfloat16": "bf16",
@@ -71,6 +80,8 @@ class GpuSpec:
     peak_flops: dense (no structured sparsity) peak per :data:`DTYPE_KEYS` key,
     FLOP/s (OP/s for int8); bandwidth: memory bandwidth in bytes/s;
     memory_gb: nominal memory (decimal GB); source: where the figures come from.
+
+    Raises: nothing; a plain record.
     """
 
     name: str
@@ -184,6 +195,8 @@ def lookup_gpu(name: str, memory_bytes: int | None = None,
     60 GiB is the 80 GB model; a GH200 with more than 120 GiB has HBM3e.
     Laptop parts, "D"/"Ti"/"SUPER" variants, the RTX 3080 12 GB and the A10G
     are not in the table (no matching datasheet figures): None.
+
+    Raises: nothing for any name string (an unknown GPU gives None).
     """
     n = " ".join(name.lower().replace("-", " ").replace("_", " ").split())
     gib = memory_bytes / GiB if memory_bytes else None
@@ -251,6 +264,11 @@ class DeviceLimits:
     (copy bandwidth and GEMM rate measured here); measured: measured figures
     when they were taken ({"bandwidth": bytes/s, "flops": {key: FLOP/s}}),
     also alongside table figures.
+
+    Raises: nothing on construction (a plain record); :meth:`flops` and
+    :meth:`ridge_point` raise UnknownDtypeFigure (an UnsupportedDtypeError)
+    for a dtype these limits have no figure for, and ValueError as
+    :func:`dtype_key` for a dtype with no key at all.
     """
 
     name: str
@@ -289,7 +307,11 @@ def measure_bandwidth(device: Any = None, nbytes: int | None = None, repeat: int
     """Copy bandwidth in bytes/s: ``dst.copy_(src)`` over buffers larger than
     the caches (default 1 GiB each on a GPU, 256 MiB on the CPU), counting the
     bytes read plus the bytes written (2 x nbytes per copy). The fastest of
-    ``repeat`` runs after one warm-up."""
+    ``repeat`` runs after one warm-up.
+
+    Raises ValueError as :func:`time_fn` for ``repeat`` < 1; torch's errors
+    for buffers that do not fit in the device's memory (pass a smaller
+    ``nbytes``) or a device it cannot parse."""
     dev = _device(device)
     if nbytes is None:
         nbytes = GiB if dev.type == "cuda" else 256 * MiB
@@ -304,7 +326,11 @@ def measure_gemm_flops(device: Any = None, dtype: torch.dtype | None = None, n: 
                        repeat: int = 3) -> float:
     """FLOP/s of an (n, n) x (n, n) matmul in ``dtype`` (2 n^3 FLOPs), the fastest
     of ``repeat`` runs after one warm-up. Defaults: bfloat16 with n = 8192 on a
-    GPU (float16 where bf16 is unsupported), float32 with n = 1024 on the CPU."""
+    GPU (float16 where bf16 is unsupported), float32 with n = 1024 on the CPU.
+
+    Raises ValueError as :func:`time_fn` for ``repeat`` < 1; torch's errors for
+    a dtype the device cannot multiply in, matrices that do not fit (pass a
+    smaller ``n``) or a device it cannot parse."""
     dev = _device(device)
     if dtype is None:
         if dev.type == "cuda":
@@ -321,7 +347,10 @@ def measure_gemm_flops(device: Any = None, dtype: torch.dtype | None = None, n: 
 
 def table_limits(key: str) -> DeviceLimits:
     """The datasheet limits of a GPU in :data:`GPU_TABLE` by its key (e.g.
-    ``"H100 SXM"``), without that GPU being here: for what-if rooflines."""
+    ``"H100 SXM"``), without that GPU being here: for what-if rooflines.
+
+    Raises ValueError (a plain one) for a key not in the table, naming it and
+    the known keys: pass one of those."""
     try:
         spec = GPU_TABLE[key]
     except KeyError:
@@ -340,6 +369,11 @@ def device_limits(device: Any = None, measure: bool | None = None,
     ``dtype`` (default: bf16 on a GPU, fp32 on the CPU), source "measured";
     ``measure=False`` then raises ValueError. On the CPU this takes about a
     second (256 MiB copy, 1024^3 GEMM).
+
+    Raises ValueError (a plain one) naming the device when it is not in the
+    table and ``measure=False`` (pass ``measure=None`` to measure it), or as
+    :func:`dtype_key` for a ``dtype`` with no key; torch's errors for a
+    device it cannot parse or a dtype it cannot multiply in.
     """
     dev = _device(device)
     name = device_name(dev)

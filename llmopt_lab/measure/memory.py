@@ -30,6 +30,8 @@ class MemoryUsage:
     peak over the process's whole life (then it may predate the block).
     Without /proc (macOS, Windows) only the lifetime peak is known (from
     getrusage) and start, end and peak all hold it.
+
+    Raises: nothing; a plain record.
     """
 
     device: str
@@ -103,6 +105,9 @@ def peak_memory(device: Any = None) -> Iterator[MemoryUsage]:
     counts every allocation of the process (Python objects, libraries, other
     threads), not only tensors, and memory freed to the allocator may stay
     resident.
+
+    Raises: nothing of its own (an exception in the block propagates, with the
+    usage filled in first); torch's RuntimeError for a device it cannot parse.
     """
     dev = _device(device)
     usage = MemoryUsage(device=str(dev))

@@ -19,7 +19,10 @@ import torch.nn.functional as F
 
 def position_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood (nats) of each target: logits (..., V) predicting
-    targets (...) int64 (already shifted); returns (...) float32."""
+    targets (...) int64 (already shifted); returns (...) float32.
+
+    Raises: nothing of its own; torch's RuntimeError/IndexError for shapes
+    that do not match or a target outside [0, V)."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            reduction="none").view(targets.shape)
 
@@ -30,6 +33,9 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor,
 
     logits: (B, T, V) predicting targets (B, T) int64 (already shifted: logits
     at t predict targets at t); mask: (B, T) bool, True = score this token.
+
+    Raises: nothing of its own; torch's errors as :func:`position_nll` (shapes
+    that do not match, a target outside [0, V), a mask of another shape).
     """
     nll = position_nll(logits, targets)
     if mask is not None:
@@ -38,7 +44,10 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor,
 
 
 def perplexity_from_nll(total_nll: float, count: int) -> float:
-    """exp(mean NLL): the token-weighted perplexity."""
+    """exp(mean NLL): the token-weighted perplexity.
+
+    Raises ValueError (a plain one) when ``count`` <= 0: no tokens were scored;
+    score at least one token. OverflowError for a mean NLL too large for exp."""
     if count <= 0:
         raise ValueError("no tokens were scored")
     return math.exp(total_nll / count)
@@ -46,7 +55,10 @@ def perplexity_from_nll(total_nll: float, count: int) -> float:
 
 def position_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(P_ref || P) in nats at each position, P = softmax(logits):
-    ref_logits, logits (..., V); returns (...) float32."""
+    ref_logits, logits (..., V); returns (...) float32.
+
+    Raises: nothing of its own; torch's RuntimeError for shapes that do not
+    broadcast."""
     ref_logp = F.log_softmax(ref_logits.float(), -1)
     logp = F.log_softmax(logits.float(), -1)
     return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
@@ -57,6 +69,9 @@ def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor,
     """Mean KL(P_ref || P) in nats over positions, where P = softmax(logits).
 
     ref_logits, logits: (..., V); mask: (...) bool of positions to average.
+    An empty mask gives NaN.
+
+    Raises: nothing of its own; torch's errors for shapes that do not match.
     """
     kl = position_kl(ref_logits, logits)
     if mask is not None:
@@ -66,7 +81,10 @@ def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor,
 
 def top1_agreement(ref_logits: torch.Tensor, logits: torch.Tensor,
                    mask: torch.Tensor | None = None) -> float:
-    """Fraction of positions where both models' most likely next token agree."""
+    """Fraction of positions where both models' most likely next token agree
+    (NaN for an empty mask).
+
+    Raises: nothing of its own; torch's errors for shapes that do not match."""
     same = ref_logits.argmax(-1) == logits.argmax(-1)
     if mask is not None:
         same = same[mask]
@@ -82,6 +100,10 @@ def bootstrap_interval(statistic, num_items: int, samples: int = 2000, level: fl
     Returns (low, high), the central ``level`` share of the resampled values.
     The items are the unit of resampling, so they should be roughly
     independent (for text: windows, not the correlated tokens within one).
+    (NaN, NaN) when no resample gives a finite value.
+
+    Raises ValueError (a plain one) naming the value for ``num_items`` < 2
+    (score more items) or ``level`` outside (0, 1).
     """
     if num_items < 2:
         raise ValueError(f"a bootstrap needs at least 2 items, got {num_items}")
@@ -106,7 +128,10 @@ def ppl_delta_interval(nll_ref: Sequence[float], nll: Sequence[float], tokens: S
     """Bootstrap interval of the perplexity change ``100 * (ppl / ppl_ref - 1)``
     (percent) when both models are scored on the same windows: nll_ref, nll:
     (N,) summed NLL (nats) per window; tokens: (N,) scored tokens per window.
-    Windows are resampled in pairs, so what both models find hard cancels."""
+    Windows are resampled in pairs, so what both models find hard cancels.
+
+    Raises ValueError as :func:`bootstrap_interval` (fewer than 2 windows,
+    ``level`` outside (0, 1)); torch's errors for lists of different lengths."""
     a, b, n = (torch.as_tensor(v, dtype=torch.float64) for v in (nll_ref, nll, tokens))
     return bootstrap_interval(
         lambda i: 100.0 * torch.expm1(_mean_nll(b, n, i) - _mean_nll(a, n, i)),
@@ -116,7 +141,10 @@ def ppl_delta_interval(nll_ref: Sequence[float], nll: Sequence[float], tokens: S
 def recovery(ppl_ref, ppl_base, ppl):
     """The share of a baseline's perplexity increase that a method undoes,
     ``(ppl_base - ppl) / (ppl_base - ppl_ref)``: 1 = all of it, 0 = none,
-    < 0 = worse than the baseline. Floats or tensors (elementwise)."""
+    < 0 = worse than the baseline. Floats or tensors (elementwise).
+
+    Raises ZeroDivisionError for floats with ``ppl_base == ppl_ref`` (tensors
+    give inf/NaN instead)."""
     return (ppl_base - ppl) / (ppl_base - ppl_ref)
 
 
@@ -124,7 +152,10 @@ def recovery_interval(nll_ref: Sequence[float], nll_base: Sequence[float], nll: 
                       tokens: Sequence[int], samples: int = 2000, level: float = 0.9,
                       seed: int = 0) -> tuple[float, float]:
     """Bootstrap interval of :func:`recovery`, all three models scored on the
-    same windows (per-window summed NLL, (N,) each; tokens (N,))."""
+    same windows (per-window summed NLL, (N,) each; tokens (N,)).
+
+    Raises ValueError as :func:`bootstrap_interval` (fewer than 2 windows,
+    ``level`` outside (0, 1)); torch's errors for lists of different lengths."""
     a, base, b, n = (torch.as_tensor(v, dtype=torch.float64) for v in (nll_ref, nll_base, nll, tokens))
     return bootstrap_interval(lambda i: recovery(*(torch.exp(_mean_nll(x, n, i)) for x in (a, base, b))),
                               len(n), samples, level, seed)
@@ -138,7 +169,10 @@ def speedup_interval(base_seconds: Sequence[float], base_tokens: Sequence[int],
     base_seconds)``, items resampled in pairs. Each argument is (N,): the
     seconds and tokens of one item under the method and under the baseline.
     It covers how the speed-up varies from prompt to prompt (and the timing
-    noise within one run), not a drift of the machine between runs."""
+    noise within one run), not a drift of the machine between runs.
+
+    Raises ValueError as :func:`bootstrap_interval` (fewer than 2 items,
+    ``level`` outside (0, 1)); torch's errors for lists of different lengths."""
     bs, bt, s, t = (torch.as_tensor(v, dtype=torch.float64) for v in
                     (base_seconds, base_tokens, seconds, tokens))
     return bootstrap_interval(
@@ -147,7 +181,9 @@ def speedup_interval(base_seconds: Sequence[float], base_tokens: Sequence[int],
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100) with linear interpolation; NaN when empty."""
+    """The q-th percentile (0-100) with linear interpolation; NaN when empty.
+
+    Raises: nothing of its own; torch's RuntimeError for q outside [0, 100]."""
     if len(values) == 0:
         return float("nan")
     return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q / 100.0))
@@ -155,7 +191,9 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 @dataclass
 class ServingStats:
-    """Latency summary of a set of requests (seconds, tokens/s)."""
+    """Latency summary of a set of requests (seconds, tokens/s).
+
+    Raises: nothing; a plain record (:func:`serving_stats` checks its input)."""
 
     ttft_p50: float
     ttft_p99: float
@@ -170,7 +208,10 @@ def serving_stats(ttft: Sequence[float], tpot: Sequence[float], total_tokens: in
                   wall_time: float) -> ServingStats:
     """Summarise per-request time to first token (s) and time per output
     token (s, the mean inter-token latency of each request after its first
-    token), with the total generated tokens over the wall time (tokens/s)."""
+    token), with the total generated tokens over the wall time (tokens/s).
+
+    Raises ValueError (a plain one) when ``wall_time`` <= 0: pass the measured,
+    positive wall time."""
     if wall_time <= 0:
         raise ValueError("wall_time must be positive")
     return ServingStats(percentile(ttft, 50), percentile(ttft, 99), percentile(tpot, 50),

@@ -53,6 +53,9 @@ def quiet_profiler_logs():
     (``USDT: ... profiler_start|stop``) and kineto's start-up notice, so a
     real error message from native code still shows. Where fd 2 cannot be
     redirected (no such descriptor), the block does nothing.
+
+    Raises: nothing of its own; an exception in the block propagates after
+    stderr is restored.
     """
     try:
         sys.stderr.flush()
@@ -90,7 +93,9 @@ __all__ = ["OpRow", "StepProfile", "profile_step", "quiet_profiler_logs"]
 class OpRow:
     """One row of a :class:`StepProfile`, per step: calls, self CPU time (s),
     device time (s). CPU-side ops and runtime calls have device_s 0; GPU
-    kernels (named "[gpu] <kernel>") have cpu_s 0."""
+    kernels (named "[gpu] <kernel>") have cpu_s 0.
+
+    Raises: nothing; a plain record."""
 
     name: str
     calls: float
@@ -108,6 +113,9 @@ class StepProfile:
     device_time_s: time the GPU was busy running kernels (None on the CPU);
     ops_per_step: aten ops dispatched; kernels_per_step: GPU kernels and
     copies launched (None on the CPU); top_ops: the costliest ops.
+
+    Raises: nothing on construction (a plain record); :attr:`busy_fraction`
+    raises ZeroDivisionError for a zero wall time.
     """
 
     device: str
@@ -190,6 +198,9 @@ def profile_step(fn: Callable[[], Any], *, steps: int = 5, warmup: int = 2, devi
     was busy (the union of kernel intervals), and ranks the ops by time.
     ``fn`` must be repeatable (e.g. a decode step writing the same cache slot).
     Returns a :class:`StepProfile`.
+
+    Raises ZeroDivisionError for ``steps`` = 0 (pass ``steps`` >= 1); whatever
+    ``fn`` raises propagates; torch's RuntimeError for a device it cannot parse.
     """
     from torch.profiler import ProfilerActivity, profile
 

@@ -49,7 +49,10 @@ def _cpu_name() -> str:
 
 
 def device_name(device: Any = None) -> str:
-    """A readable device name: the GPU's name, or the CPU's model name."""
+    """A readable device name: the GPU's name, or the CPU's model name.
+
+    Raises: nothing of its own; torch's RuntimeError for a device it cannot
+    parse or a CUDA device that is not there."""
     dev = _device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -65,7 +68,9 @@ def _slug(text: str) -> str:
 
 def device_slug(device: Any = None) -> str:
     """A folder name for a device's results: 'nvidia-h100-80gb-hbm3' for a GPU,
-    'cpu-' plus the CPU model for the CPU (e.g. 'cpu-amd-epyc')."""
+    'cpu-' plus the CPU model for the CPU (e.g. 'cpu-amd-epyc').
+
+    Raises: nothing of its own; torch's RuntimeError as :func:`device_name`."""
     dev = _device(device)
     if dev.type == "cpu":
         return "cpu-" + _slug(_cpu_name())
@@ -109,6 +114,9 @@ def provenance(device: Any = None) -> dict:
     version or None), python, platform, cpu, git_commit (with '-dirty' for
     uncommitted changes, 'unknown' without git), date (UTC, ISO 8601),
     llmopt_lab (package version). Versions are None when not installed.
+
+    Raises: nothing of its own (no git gives 'unknown'); torch's RuntimeError
+    as :func:`device_name` for a device it cannot parse.
     """
     from .. import __version__
 
@@ -131,7 +139,9 @@ def provenance(device: Any = None) -> dict:
 
 def default_results_root() -> Path:
     """``results/`` of the checkout the package lives in (so that a notebook
-    running in notebooks/ finds it), else ``results`` in the working directory."""
+    running in notebooks/ finds it), else ``results`` in the working directory.
+
+    Raises nothing."""
     repo = _REPO
     if (repo / "pyproject.toml").is_file():
         return repo / "results"
@@ -141,7 +151,9 @@ def default_results_root() -> Path:
 def user_results_root() -> Path:
     """Where a learner's own runs go by default: ``my-results/`` of the
     checkout (ignored by git), else ``my-results`` in the working directory;
-    ``LLMOPT_RESULTS`` overrides it. Never the committed ``results/``."""
+    ``LLMOPT_RESULTS`` overrides it. Never the committed ``results/``.
+
+    Raises nothing."""
     env = os.environ.get("LLMOPT_RESULTS")
     if env:
         return Path(env).expanduser()
@@ -206,7 +218,11 @@ def save_result(name: str, data: dict, root: str | Path | None = None, device: A
 
 def load_results(name: str, root: str | Path | None = None) -> dict[str, dict]:
     """Every device's stored result ``name``: {device_slug: data}, sorted by slug;
-    empty when there is none."""
+    empty when there is none.
+
+    Raises: nothing of its own; json.JSONDecodeError (a ValueError) for a
+    stored file that is not valid JSON (rerun the benchmark that wrote it),
+    OSError for one that cannot be read."""
     root = default_results_root() if root is None else Path(root)
     out = {}
     for path in sorted(root.glob(f"*/{name}.json")):

@@ -28,6 +28,9 @@ class StepCost:
     ``flops_attention``, ``flops_lm_head``, ``bytes_weights``,
     ``bytes_kv_read``, ``bytes_kv_write``, ``bytes_activations``;
     tokens: tokens processed (batch x new_tokens).
+
+    Raises: nothing on construction (a plain record); :attr:`intensity`
+    raises ZeroDivisionError when ``bytes`` is 0.
     """
 
     flops: float
@@ -164,7 +167,10 @@ def step_cost(config: ModelConfig, batch: int, new_tokens: int, context_len: int
 
 
 def arithmetic_intensity(flops: float | StepCost, nbytes: float | None = None) -> float:
-    """FLOP per byte: ``arithmetic_intensity(cost)`` or ``arithmetic_intensity(flops, bytes)``."""
+    """FLOP per byte: ``arithmetic_intensity(cost)`` or ``arithmetic_intensity(flops, bytes)``.
+
+    Raises ValueError (a plain one) when ``nbytes`` is missing or 0 with a
+    FLOP count: pass the bytes moved."""
     if isinstance(flops, StepCost):
         return flops.intensity
     if not nbytes:
@@ -173,19 +179,30 @@ def arithmetic_intensity(flops: float | StepCost, nbytes: float | None = None) -
 
 
 def attainable_flops(intensity: float, limits: DeviceLimits, dtype: Any = "bf16") -> float:
-    """The roofline: min(peak FLOP/s, bandwidth x intensity), in FLOP/s."""
+    """The roofline: min(peak FLOP/s, bandwidth x intensity), in FLOP/s.
+
+    Raises UnknownDtypeFigure (an UnsupportedDtypeError) when ``limits`` has
+    no figure for ``dtype``, ValueError as :func:`dtype_key` for a dtype with
+    no key: pass a dtype the limits list."""
     return min(limits.flops(dtype), limits.bandwidth * intensity)
 
 
 def roofline_time(cost: StepCost, limits: DeviceLimits, dtype: Any = "bf16") -> float:
     """The least time a step can take, in seconds:
-    max(flops / peak FLOP/s, bytes / bandwidth)."""
+    max(flops / peak FLOP/s, bytes / bandwidth).
+
+    Raises UnknownDtypeFigure (an UnsupportedDtypeError) when ``limits`` has
+    no figure for ``dtype``, ValueError as :func:`dtype_key` for a dtype with
+    no key: pass a dtype the limits list."""
     return max(cost.flops / limits.flops(dtype), cost.bytes / limits.bandwidth)
 
 
 def achieved_fraction(bound_s: float, measured_s: float) -> float:
     """Fraction of the roofline reached: roofline-bound time / measured time
-    (1.0 = at the roof; both in seconds)."""
+    (1.0 = at the roof; both in seconds).
+
+    Raises ValueError (a plain one) when ``measured_s`` <= 0: pass the
+    measured, positive time."""
     if measured_s <= 0:
         raise ValueError("measured time must be positive")
     return bound_s / measured_s

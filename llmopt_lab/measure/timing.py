@@ -41,7 +41,10 @@ def _device(device: Any = None) -> torch.device:
 
 
 def synchronize(device: Any = None) -> None:
-    """Wait until the device has finished all queued work (a no-op on the CPU)."""
+    """Wait until the device has finished all queued work (a no-op on the CPU).
+
+    Raises: nothing of its own; torch's RuntimeError for a device it cannot
+    parse or a CUDA device that is not there."""
     device = _device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -53,6 +56,9 @@ class Timing:
 
     median: the reported figure; p10, p90: the 10th and 90th percentiles;
     min, max, mean: over ``samples``, the time of every timed run in order.
+
+    Raises: nothing on construction (a plain record); :meth:`from_samples`
+    raises ValueError (a plain one) for an empty list of samples.
     """
 
     median: float
@@ -168,6 +174,9 @@ def l2_cache_bytes(device: Any = None) -> int:
     GPU: the L2 size reported by the driver (50 MB on an H100 SXM), or
     128 MiB when this torch does not report it. CPU: the largest
     cache level listed under /sys (the L3 on most machines), else 32 MiB.
+
+    Raises: nothing of its own (unreadable /sys entries are skipped); torch's
+    RuntimeError for a device it cannot parse.
     """
     dev = _device(device)
     if dev.type == "cuda":
@@ -205,6 +214,11 @@ class OperandRotation:
         floor(margin x l2_bytes / bytes_per_set) + 1, at least 1.
 
     Use: ``rot = OperandRotation((a, b)); time_fn(lambda ab: mm(*ab), setup=rot.next)``.
+
+    Raises ValueError (a plain one) when ``operands`` holds no tensor or its
+    tensors hold no bytes: pass the kernel's (non-empty) tensors. Torch's
+    out-of-memory error when the copies do not fit (lower ``margin`` or
+    ``max_copies``).
     """
 
     def __init__(self, operands, *, l2_bytes: int | None = None, margin: float = 2.0,

@@ -110,6 +110,10 @@ def find_modules(model: nn.Module, pattern: str | Sequence[str] | None = None,
     (every name). Returns :class:`ModuleRef` items. A pattern that matches
     nothing gives an empty list (not an error); raises TransformError for a
     pattern that is neither a string nor a list of strings.
+
+    Raises TransformError naming ``pattern`` when it is neither a glob string
+    nor a list of them; TypeError for ``types`` that is not a type or tuple
+    of types.
     """
     if pattern is None:
         globs = None
@@ -133,7 +137,10 @@ def find_modules(model: nn.Module, pattern: str | Sequence[str] | None = None,
 def find_linears(model: nn.Module, pattern: str | Sequence[str] | None = None,
                  types: type | tuple[type, ...] = nn.Linear) -> list[ModuleRef]:
     """:func:`find_modules` restricted to linear layers (``nn.Linear`` by
-    default; pass ``types`` to include quantized replacements as well)."""
+    default; pass ``types`` to include quantized replacements as well).
+
+    Raises TransformError as :func:`find_modules` for a ``pattern`` that is
+    neither a glob string nor a list of them."""
     return find_modules(model, pattern, types)
 
 

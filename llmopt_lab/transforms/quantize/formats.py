@@ -45,7 +45,9 @@ unpack_int4 = unpack_int4_ref
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     """Integer range of a ``bits``-bit code: symmetric [-(2^(b-1) - 1), 2^(b-1) - 1]
     (int8: [-127, 127], leaving -128 out so that the range is symmetric), or
-    asymmetric [0, 2^b - 1] (int4: [0, 15])."""
+    asymmetric [0, 2^b - 1] (int4: [0, 15]).
+
+    Raises QuantizationError naming ``bits`` when it is not an integer in 2..8."""
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise QuantizationError(f"bits must be an integer in 2..8, got {bits!r}")
     if symmetric:
@@ -85,6 +87,9 @@ class QTensor:
     shaped per granularity: () per tensor, x.shape[:-1] per channel (one per
     row of the last dimension), x.shape[:-1] + (K // group_size,) per group.
     ``x ~= (q - zero) * scale`` (zero = 0 when symmetric).
+
+    Raises: nothing on construction (a plain record); :meth:`dequantize`
+    raises as :func:`dequantize`.
     """
 
     q: torch.Tensor
@@ -143,7 +148,12 @@ def quantize_tensor(x: torch.Tensor, bits: int = 8, symmetric: bool = True,
 
 
 def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(q - zero) * scale`` with each scale broadcast over the values it covers."""
+    """``(q - zero) * scale`` with each scale broadcast over the values it covers.
+
+    Raises QuantizationError for a QTensor whose granularity or group size is
+    not one :func:`quantize_tensor` takes (an unknown granularity, a group size
+    that is not positive or does not divide the last dimension); torch's
+    RuntimeError for a scale or zero whose shape does not match the codes."""
     g = _grouped(qt.q.float(), qt.granularity, qt.group_size)
     scale = qt.scale.float().reshape(g.shape[0], g.shape[1], 1)
     if qt.zero is not None:
@@ -155,14 +165,21 @@ def fake_quantize(x: torch.Tensor, bits: int = 8, symmetric: bool = True,
                   granularity: str = "channel", group_size: int | None = None,
                   clip_ratio: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Quantize then dequantize, in x's dtype: the values a quantized model
-    computes with, for studying the error in plain float code."""
+    computes with, for studying the error in plain float code.
+
+    Raises QuantizationError as :func:`quantize_tensor`: bits outside 2..8, an
+    unknown granularity, a group size that is not positive or does not divide
+    the last dimension."""
     return dequantize(quantize_tensor(x, bits, symmetric, granularity, group_size, clip_ratio),
                       x.dtype)
 
 
 def quantization_error(x: torch.Tensor, **kw) -> dict:
     """Error of :func:`fake_quantize` on x: max and RMS absolute error, RMS
-    relative to RMS(x), and the signal-to-quantization-noise ratio in dB."""
+    relative to RMS(x), and the signal-to-quantization-noise ratio in dB.
+
+    Raises QuantizationError as :func:`fake_quantize` for bad ``kw`` (bits,
+    granularity, group size); TypeError for a keyword it does not take."""
     err = (fake_quantize(x, **kw).float() - x.float())
     rms = err.pow(2).mean().sqrt()
     ref = x.float().pow(2).mean().sqrt()
@@ -173,7 +190,11 @@ def quantization_error(x: torch.Tensor, **kw) -> dict:
 
 # ===================================================================== weight formats
 def check_group_size(group_size: int, in_features: int | None = None, name: str = "") -> None:
-    """Raise QuantizationError unless the int4 kernels take this group size (and K)."""
+    """Check a group size for the int4 kernels (and that it divides K).
+
+    Raises QuantizationError naming the value when ``group_size`` is not one of
+    :data:`GROUP_SIZES` or ``in_features`` is not a multiple of it; the
+    message lists the sizes to choose from."""
     where = f"{name}: " if name else ""
     if group_size not in GROUP_SIZES:
         raise QuantizationError(f"{where}group_size must be one of {GROUP_SIZES}, got {group_size!r}")
@@ -188,7 +209,10 @@ class Int8Weight:
     """int8 weight-only format: qweight (N, K) int8 in [-127, 127] (nn.Linear's
     layout), scales (N,) float32: ``W = qweight * scales[:, None]``. The layers
     store what their kernels read: :class:`Int8Linear` the transpose (K, N),
-    :class:`W8A8Linear` this (N, K)."""
+    :class:`W8A8Linear` this (N, K).
+
+    Raises: nothing on construction (a plain record, not validated: build it
+    with :func:`quantize_int8`)."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -211,7 +235,12 @@ class Int4Weight:
     """Packed int4 format, K-major as the kernels read it: packed (K // 2, N)
     uint8 (byte [j, n] = code[n, 2j] | code[n, 2j + 1] << 4), scales
     (K // G, N) float32, zeros (K // G, N) uint8 in [0, 15];
-    ``W[n, k] = (code[n, k] - zeros[k // G, n]) * scales[k // G, n]``."""
+    ``W[n, k] = (code[n, k] - zeros[k // G, n]) * scales[k // G, n]``.
+
+    Raises: nothing on construction (a plain record, not validated: build it
+    with :func:`quantize_int4` or :meth:`from_codes`); :meth:`from_codes`
+    raises QuantizationError as :func:`check_group_size` (a group size the
+    kernels do not take, or one that does not divide K)."""
 
     packed: torch.Tensor
     scales: torch.Tensor
@@ -246,14 +275,20 @@ class Int4Weight:
 
 
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
-    """Symmetric per-output-channel int8 (round to nearest) of a (N, K) weight."""
+    """Symmetric per-output-channel int8 (round to nearest) of a (N, K) weight.
+
+    Raises nothing of its own for a (N, K) float weight (the arguments it
+    passes :func:`quantize_tensor` are valid); torch's IndexError for a 0-d
+    tensor."""
     qt = quantize_tensor(weight, bits=8, symmetric=True, granularity="channel")
     return Int8Weight(qt.q.to(torch.int8).contiguous(), qt.scale.float().contiguous())
 
 
 def check_low_bits(bits: int) -> int:
-    """Raise QuantizationError unless ``bits`` is 2, 3 or 4: the code widths the
-    int4 container holds (codes in [0, 2^bits - 1], stored in 4-bit slots)."""
+    """Check a code width for the int4 container: 2, 3 or 4 (codes in
+    [0, 2^bits - 1], stored in 4-bit slots); returns ``bits``.
+
+    Raises QuantizationError naming ``bits`` for any other value."""
     if isinstance(bits, bool) or bits not in LOW_BITS:
         raise QuantizationError(f"bits must be one of {LOW_BITS} for the int4 format "
                                 f"(codes stored in 4-bit slots), got {bits!r}")
@@ -281,7 +316,9 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128,
 def int4_group_params(w: torch.Tensor, clip_ratio: float = 1.0,
                       bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (each (N,), float32) of one group of columns w (N, G):
-    the affine grid of ``bits`` bits :func:`quantize_int4` would use (GPTQ calls this)."""
+    the affine grid of ``bits`` bits :func:`quantize_int4` would use (GPTQ calls this).
+
+    Raises QuantizationError as :func:`qrange` for ``bits`` outside 2..8."""
     qt = quantize_tensor(w, bits=bits, symmetric=False, granularity="channel", clip_ratio=clip_ratio)
     return qt.scale.float(), qt.zero.float()
 
@@ -311,7 +348,10 @@ FP8_MAX = 448.0  # largest finite e4m3fn value
 
 def fp8_support(device) -> tuple[bool, str]:
     """(True, '') where real fp8 matmuls (torch._scaled_mm) can run on
-    ``device``; else (False, the reason)."""
+    ``device``; else (False, the reason).
+
+    Raises: nothing for a device without fp8 (it says why in the reason);
+    torch's RuntimeError for a device it cannot parse."""
     device = torch.device(device)
     if FP8_DTYPE is None or not hasattr(torch, "_scaled_mm"):
         return False, f"torch {torch.__version__} has no float8_e4m3fn / _scaled_mm"
@@ -328,7 +368,10 @@ def fp8_support(device) -> tuple[bool, str]:
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None = None):
     """Per-tensor e4m3 quantization: ``scale = absmax / 448`` (unless given),
     returns (x / scale cast to float8_e4m3fn, scale as a 0-d float32 tensor).
-    e4m3 keeps 3 mantissa bits: a relative rounding error of at most 2^-4."""
+    e4m3 keeps 3 mantissa bits: a relative rounding error of at most 2^-4.
+
+    Raises QuantizationError when this torch has no float8_e4m3fn (torch < 2.1):
+    upgrade torch."""
     if FP8_DTYPE is None:
         raise QuantizationError(f"torch {torch.__version__} has no float8_e4m3fn (needs torch >= 2.1)")
     if scale is None:
@@ -339,7 +382,10 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None = None):
 
 
 def fake_quantize_fp8(x: torch.Tensor) -> torch.Tensor:
-    """Cast to e4m3 with a per-tensor scale and back (x's dtype): works on any device."""
+    """Cast to e4m3 with a per-tensor scale and back (x's dtype): works on any device.
+
+    Raises QuantizationError as :func:`quantize_fp8` when this torch has no
+    float8_e4m3fn (torch < 2.1): upgrade torch."""
     x8, s = quantize_fp8(x)
     return (x8.float() * s).to(x.dtype)
 

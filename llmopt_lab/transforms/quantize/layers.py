@@ -44,6 +44,11 @@ class QuantLinear(nn.Module):
     dtype. ``input_scale`` (in_features,) float32 or None: x is multiplied by
     it first (a smoothing / AWQ factor that could not be folded into the
     previous op). ``backend``: 'auto' | 'triton' | 'torch', see the module doc.
+
+    Raises QuantizationError naming the value for a ``backend`` outside
+    :data:`BACKENDS` (here and when it is set later), and from
+    :meth:`uses_kernel` (so from ``forward``) with backend 'triton' where no
+    Triton kernel can run on the input: use backend 'auto' or 'torch'.
     """
 
     format = "?"
@@ -113,7 +118,11 @@ class QuantLinear(nn.Module):
 
 
 class Int8Linear(QuantLinear):
-    """Weight-only int8 (per output channel); activations stay in float."""
+    """Weight-only int8 (per output channel); activations stay in float.
+
+    Raises QuantizationError as :class:`QuantLinear` (a ``backend`` outside
+    :data:`BACKENDS`; backend 'triton' where no kernel can run); ValueError
+    for an Int8Weight whose qweight is not 2-D."""
 
     format = "int8"
 
@@ -195,7 +204,11 @@ class Int4Linear(QuantLinear):
 class W8A8Linear(QuantLinear):
     """int8 weights (per output channel) and int8 activations (per token,
     dynamic: each row's absmax, measured at run time). ``input_scale``: the
-    SmoothQuant factor 1/s when it could not be folded into the previous op."""
+    SmoothQuant factor 1/s when it could not be folded into the previous op.
+
+    Raises QuantizationError as :class:`QuantLinear` (a ``backend`` outside
+    :data:`BACKENDS`; backend 'triton' where no kernel can run); ValueError
+    for an Int8Weight whose qweight is not 2-D."""
 
     format = "w8a8"
 
@@ -227,7 +240,12 @@ class FP8Linear(QuantLinear):
     and back, multiply in float32: the same numbers, none of the speed).
     ``simulate``: None picks 'scaled_mm' where the device allows it and
     'simulated' elsewhere (with a warning); False raises QuantizationError
-    where real fp8 cannot run; True always simulates."""
+    where real fp8 cannot run; True always simulates.
+
+    Raises QuantizationError with ``simulate=False`` where real fp8 cannot run
+    (the message says why; pass simulate=True), when this torch has no
+    float8_e4m3fn (torch < 2.1), or for a ``backend`` outside
+    :data:`BACKENDS`; ValueError for a weight that is not 2-D."""
 
     format = "fp8"
 
@@ -296,7 +314,11 @@ class FP8Linear(QuantLinear):
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Set ``backend`` ('auto', 'triton', 'torch') on every quantized layer."""
+    """Set ``backend`` ('auto', 'triton', 'torch') on every quantized layer.
+    Returns the model.
+
+    Raises QuantizationError naming the value for a ``backend`` outside
+    :data:`BACKENDS`."""
     if backend not in BACKENDS:
         raise QuantizationError(f"backend must be one of {BACKENDS}, got {backend!r}")
     for ref in find_modules(model, types=QuantLinear):

@@ -96,7 +96,11 @@ class Sensitivity:
     """The scan's table. layers: names (data-flow order); formats: (bits,
     group) pairs; kl: (L, F) float64 tensor, mean KL per calibration token
     (nats) with only that layer in that format; nbytes: (L, F) int64 tensor,
-    the layer's bytes in that format; tokens: calibration tokens scored."""
+    the layer's bytes in that format; tokens: calibration tokens scored.
+
+    Raises: nothing on construction (a plain record); :meth:`uniform_bytes`
+    and :meth:`uniform_kl` raise QuantizationError for a format that is
+    malformed or was not scanned (the message lists the scanned ones)."""
 
     layers: list[str]
     formats: list[tuple[int, int | None]]
@@ -192,7 +196,10 @@ class MixedPlan:
     """A format per layer. assignment: {layer name: (bits, group)}; nbytes:
     their total bytes; predicted_kl: the sum of the scan's KLs (the additive
     prediction); budget: what it was planned for ({'bytes': ...} or
-    {'kl': ...})."""
+    {'kl': ...}).
+
+    Raises: nothing; a plain record (:func:`plan_bits` checks what goes in,
+    the "mixed" method checks it against the model)."""
 
     assignment: dict[str, tuple[int, int | None]]
     nbytes: int
@@ -307,7 +314,12 @@ def mixed_model_bytes(model: nn.Module) -> int:
     """Packed bytes of a model's decoder linear layers (:func:`format_nbytes`
     of each layer's format: Int8Linear, Int4Linear at its ``bits``; float
     layers at 4 bytes per weight). The layers' own storage is
-    :func:`~llmopt_lab.transforms.quantize.bytes_breakdown`."""
+    :func:`~llmopt_lab.transforms.quantize.bytes_breakdown`.
+
+    Raises QuantizationError for a model that is not an llmopt_lab
+    Transformer, or one with a decoder layer this count does not know
+    (W8A8Linear, FP8Linear, ...), naming its type: use
+    :func:`~llmopt_lab.transforms.quantize.bytes_breakdown` for those."""
     from .transform import linear_layers
 
     total = 0

@@ -16,7 +16,9 @@ from .layers import QuantLinear
 def model_bytes(model: nn.Module) -> int:
     """Bytes of everything the model stores: parameters and persistent buffers
     (packed codes, scales, zero points, biases, norms, embeddings), each
-    tensor counted once (tied embeddings are shared)."""
+    tensor counted once (tied embeddings are shared).
+
+    Raises nothing for an nn.Module."""
     return sum(bytes_breakdown(model).values())
 
 
@@ -24,7 +26,9 @@ def bytes_breakdown(model: nn.Module) -> dict[str, int]:
     """Bytes by kind: 'linear' (weights/codes of linear layers, quantized or
     not), 'quant_params' (scales, zero points, input scales), 'embeddings'
     (embed_tokens, and lm_head when it is a plain Linear: it is counted under
-    'linear' only if quantized), 'other' (norms, biases)."""
+    'linear' only if quantized), 'other' (norms, biases).
+
+    Raises nothing for an nn.Module."""
     seen: set[int] = set()
     out = dict(linear=0, quant_params=0, embeddings=0, other=0)
 
@@ -74,6 +78,12 @@ def compare_quality(reference_model: nn.Module, model: nn.Module, evalset_ids: t
     (sums over each window's scored tokens, nats) and tokens, for
     :func:`llmopt_lab.metrics.ppl_delta_interval` and friends. Both models run
     on their own device; logits are compared in float32 on the CPU.
+
+    Raises QuantizationError when the windows score no tokens (every length
+    below 2: pass windows of at least 2 real tokens); ValueError for
+    ``evalset_ids`` that is not 2-D; AttributeError for a model without a
+    ``device`` (an llmopt_lab Transformer has one); whatever the models raise
+    on the input (e.g. windows longer than their context).
     """
     ids_all = evalset_ids
     N, W = ids_all.shape
@@ -108,7 +118,11 @@ def compare_quality(reference_model: nn.Module, model: nn.Module, evalset_ids: t
 
 def layer_output_error(weight: torch.Tensor, approx_weight: torch.Tensor, x: torch.Tensor) -> float:
     """Relative output error ``||x W'^T - x W^T||_F / ||x W^T||_F`` of a layer
-    whose weight W (N, K) is replaced by W' (N, K), on inputs x (T, K)."""
+    whose weight W (N, K) is replaced by W' (N, K), on inputs x (T, K).
+    NaN or inf when the reference output is all zero.
+
+    Raises: nothing of its own; torch's RuntimeError for shapes that do not
+    match."""
     ref = x.float() @ weight.float().t()
     return float((x.float() @ approx_weight.float().t() - ref).norm() / ref.norm())
 

@@ -29,6 +29,9 @@ class QuantMethod:
     int4 format, whose group size is checked up front and recorded.
     rescales: modifies float weights outside the replaced layers (norms,
     v/up projections), so ``copy=True`` must not share them.
+
+    Raises: nothing; a frozen record (:func:`register_method` builds it and
+    checks the name).
     """
 
     name: str
@@ -75,7 +78,9 @@ def get_method(name: str) -> QuantMethod:
 
 def method_names(calibrated: bool | None = None) -> tuple[str, ...]:
     """Names of the registered methods, in registration order (only the
-    calibrated ones, or only the others, when ``calibrated`` is given)."""
+    calibrated ones, or only the others, when ``calibrated`` is given).
+
+    Raises nothing."""
     return tuple(n for n, m in _METHODS.items() if calibrated is None or m.calibrated == calibrated)
 
 
