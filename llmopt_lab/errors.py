@@ -27,6 +27,11 @@ class CacheError(LlmoptError, ValueError):
     """A KV cache that does not fit the model, the batch, or the request."""
 
 
+class MeasureError(LlmoptError, ValueError):
+    """Bad arguments to a measurement, metric, plot or result helper (empty
+    samples, non-positive sizes or times, unknown devices or dtypes)."""
+
+
 class GenerationError(LlmoptError, ValueError):
     """Bad arguments to generation (lengths, sampling parameters)."""
 

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from llmopt_lab import StaticCache, Transformer, decode_one_token, measure, prefill, preset
 from llmopt_lab.config import ModelConfig
-from llmopt_lab.errors import UnsupportedDtypeError
+from llmopt_lab.errors import MeasureError, UnsupportedDtypeError
 from llmopt_lab.kernels.reference import causal_mask
 from llmopt_lab.measure import metrics
 
@@ -52,7 +52,7 @@ def test_time_fn_setup_feeds_fn_untimed():
 
 
 def test_time_fn_rejects_bad_counts():
-    with pytest.raises(ValueError):
+    with pytest.raises(MeasureError):
         measure.time_fn(lambda: None, repeat=0, device="cpu")
 
 
@@ -191,7 +191,7 @@ def test_device_limits_cpu_is_measured():
     assert lim.measured["bandwidth"] == lim.bandwidth
     with pytest.raises(UnsupportedDtypeError, match="has no fp8 figure.*known: .*pick one"):
         lim.flops("fp8")
-    with pytest.raises(ValueError):
+    with pytest.raises(MeasureError):
         measure.device_limits("cpu", measure=False)
     assert elapsed < 10  # about a second when the machine is not shared
     print(f"\n{lim}  ({elapsed:.2f} s)")
@@ -291,7 +291,7 @@ def test_step_cost_bytes_of_a_decode_step():
     big = measure.step_cost(preset("llama3-8b"), 1, 1, 1024)
     assert 0.8 < measure.arithmetic_intensity(big) < 1.2
     assert measure.step_cost(preset("llama3-8b"), 64, 1, 1024).intensity > 30
-    with pytest.raises(ValueError):
+    with pytest.raises(MeasureError):
         measure.step_cost(c, 0, 1, 0)
 
 
@@ -385,7 +385,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert mine["provenance"]["device_slug"] == slug
     assert loaded["nvidia-h100-80gb-hbm3"]["provenance"]["device"] == "NVIDIA H100 80GB HBM3"
     assert measure.load_results("absent", root=tmp_path) == {}
-    with pytest.raises(ValueError):
+    with pytest.raises(MeasureError):
         measure.save_result("../escape", {}, root=tmp_path)
     with pytest.raises(TypeError):
         measure.save_result("bad", {"x": object()}, root=tmp_path)
@@ -500,3 +500,12 @@ def test_profiler_native_trace_lines_are_silenced_and_other_stderr_kept(tmp_path
     assert "a real native error" in after
     if "profiler_start" not in before:  # this torch build does not print them: still robust
         pytest.skip("torch.profiler printed no native trace lines here")
+
+
+def test_profile_step_refuses_steps_below_one():
+    from llmopt_lab import measure
+
+    with pytest.raises(MeasureError, match="steps >= 1"):
+        measure.profile_step(lambda: None, steps=0)
+    with pytest.raises(MeasureError, match="warmup >= 0"):
+        measure.profile_step(lambda: None, warmup=-1)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from llmopt_lab.errors import MeasureError
 from llmopt_lab.measure.metrics import (bootstrap_interval, ppl_delta_interval, recovery_interval,
                                 speedup_interval)
 
@@ -30,9 +31,9 @@ def test_bootstrap_intervals():
     x = torch.arange(1000.0)
     lo, hi = bootstrap_interval(lambda i: x[i[:, 0]], 1000, samples=20000, level=0.5)
     assert lo == pytest.approx(250, abs=25) and hi == pytest.approx(750, abs=25)
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(MeasureError, match="at least 2"):
         bootstrap_interval(lambda i: i.float().mean(-1), 1)
-    with pytest.raises(ValueError, match="level"):
+    with pytest.raises(MeasureError, match="level"):
         bootstrap_interval(lambda i: i.float().mean(-1), 10, level=1.5)
 
 

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from llmopt_lab import measure  # noqa: E402
-from llmopt_lab.errors import UnsupportedDtypeError  # noqa: E402
+from llmopt_lab.errors import MeasureError, UnsupportedDtypeError  # noqa: E402
 from llmopt_lab.measure import plots  # noqa: E402
 
 PROV = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0",
@@ -72,7 +72,7 @@ def test_speedup_bars_artists():
     assert ax.patches[0].get_facecolor() != ax.patches[1].get_facecolor()  # baseline is grey
     _stamp(fig)
     _renders(fig)
-    with pytest.raises(ValueError):
+    with pytest.raises(MeasureError):
         plots.speedup_bars(labels, [1.0], provenance=PROV)
 
 
@@ -115,7 +115,7 @@ def test_sweep_artists():
     assert ax.get_xscale() == "log" and ax.get_xlabel() == "batch size"
     _stamp(fig)
     _renders(fig)
-    with pytest.raises(ValueError):
+    with pytest.raises(MeasureError):
         plots.sweep(x, {"short": [1, 2]}, "x", "y", provenance=PROV)
 
 

@@ -275,3 +275,10 @@ def test_lowbit_benchmark_quick_runs_on_cpu():
     assert rows and all(set(r) == set(rows[0]) for r in rows)
     assert "below four bits" in quantization.summary_text(res)
     quantization.plot(res, {"device": "cpu"})
+
+
+def test_compare_quality_refuses_what_is_not_a_model_or_a_window_tensor(tiny, ids):
+    with pytest.raises(Q.QuantizationError, match="llmopt_lab Transformer"):
+        Q.compare_quality(tiny, nn.Linear(2, 2), ids)
+    with pytest.raises(Q.QuantizationError, match=r"\(N, W\) token tensor"):
+        Q.compare_quality(tiny, tiny, ids[0])

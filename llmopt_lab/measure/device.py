@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UnsupportedDtypeError
+from ..errors import MeasureError, UnsupportedDtypeError
 from .results import device_name
 from .timing import GiB, MiB, _device, time_fn
 
@@ -61,7 +61,7 @@ def fastest_dtype(device: Any = None) -> torch.dtype:
 def dtype_key(dtype: Any) -> str:
     """The :data:`DTYPE_KEYS` name of a torch dtype or a name ('bfloat16', 'bf16').
 
-    Raises ValueError (a plain one) for a dtype with no key, naming it and the
+    Raises MeasureError (a ValueError) for a dtype with no key, naming it and the
     known keys: pass one of those."""
     name = str(dtype).replace("torch.", "").lower()
     aliases = {"float32": "fp32", "float": "fp32", "fp32": "fp32", "tf32": "tf32",
@@ -69,7 +69,7 @@ def dtype_key(dtype: Any) -> str:
                "bf16": "bf16", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8", "fp8": "fp8",
                "float8_e4m3fnuz": "fp8", "float8_e5m2fnuz": "fp8", "int8": "int8"}
     if name not in aliases:
-        raise ValueError(f"no peak-FLOP/s key for dtype {dtype!r}; known: {', '.join(DTYPE_KEYS)}")
+        raise MeasureError(f"no peak-FLOP/s key for dtype {dtype!r}; known: {', '.join(DTYPE_KEYS)}")
     return aliases[name]
 
 
@@ -267,7 +267,7 @@ class DeviceLimits:
 
     Raises: nothing on construction (a plain record); :meth:`flops` and
     :meth:`ridge_point` raise UnknownDtypeFigure (an UnsupportedDtypeError)
-    for a dtype these limits have no figure for, and ValueError as
+    for a dtype these limits have no figure for, and MeasureError as
     :func:`dtype_key` for a dtype with no key at all.
     """
 
@@ -309,7 +309,7 @@ def measure_bandwidth(device: Any = None, nbytes: int | None = None, repeat: int
     bytes read plus the bytes written (2 x nbytes per copy). The fastest of
     ``repeat`` runs after one warm-up.
 
-    Raises ValueError as :func:`time_fn` for ``repeat`` < 1; torch's errors
+    Raises MeasureError as :func:`time_fn` for ``repeat`` < 1; torch's errors
     for buffers that do not fit in the device's memory (pass a smaller
     ``nbytes``) or a device it cannot parse."""
     dev = _device(device)
@@ -328,7 +328,7 @@ def measure_gemm_flops(device: Any = None, dtype: torch.dtype | None = None, n: 
     of ``repeat`` runs after one warm-up. Defaults: bfloat16 with n = 8192 on a
     GPU (float16 where bf16 is unsupported), float32 with n = 1024 on the CPU.
 
-    Raises ValueError as :func:`time_fn` for ``repeat`` < 1; torch's errors for
+    Raises MeasureError as :func:`time_fn` for ``repeat`` < 1; torch's errors for
     a dtype the device cannot multiply in, matrices that do not fit (pass a
     smaller ``n``) or a device it cannot parse."""
     dev = _device(device)
@@ -349,12 +349,12 @@ def table_limits(key: str) -> DeviceLimits:
     """The datasheet limits of a GPU in :data:`GPU_TABLE` by its key (e.g.
     ``"H100 SXM"``), without that GPU being here: for what-if rooflines.
 
-    Raises ValueError (a plain one) for a key not in the table, naming it and
+    Raises MeasureError (a ValueError) for a key not in the table, naming it and
     the known keys: pass one of those."""
     try:
         spec = GPU_TABLE[key]
     except KeyError:
-        raise ValueError(f"no GPU {key!r} in the table; known: {', '.join(GPU_TABLE)}") from None
+        raise MeasureError(f"no GPU {key!r} in the table; known: {', '.join(GPU_TABLE)}") from None
     return DeviceLimits(name=spec.name, peak_flops=dict(spec.peak_flops), bandwidth=spec.bandwidth,
                         source="table", note=spec.source)
 
@@ -367,10 +367,10 @@ def device_limits(device: Any = None, measure: bool | None = None,
     measured ones in ``.measured`` when ``measure=True``. Any other device
     (the CPU, an unknown GPU): measured copy bandwidth and GEMM FLOP/s in
     ``dtype`` (default: bf16 on a GPU, fp32 on the CPU), source "measured";
-    ``measure=False`` then raises ValueError. On the CPU this takes about a
+    ``measure=False`` then raises MeasureError. On the CPU this takes about a
     second (256 MiB copy, 1024^3 GEMM).
 
-    Raises ValueError (a plain one) naming the device when it is not in the
+    Raises MeasureError (a ValueError) naming the device when it is not in the
     table and ``measure=False`` (pass ``measure=None`` to measure it), or as
     :func:`dtype_key` for a ``dtype`` with no key; torch's errors for a
     device it cannot parse or a dtype it cannot multiply in.
@@ -385,7 +385,7 @@ def device_limits(device: Any = None, measure: bool | None = None,
         return DeviceLimits(name=name, peak_flops=dict(spec.peak_flops), bandwidth=spec.bandwidth,
                             source="table", note=spec.source)
     if measure is False:
-        raise ValueError(f"{name} is not in the limits table and measure=False")
+        raise MeasureError(f"{name} is not in the limits table and measure=False")
     bw = measure_bandwidth(dev)
     if dtype is None:
         dtype = torch.float32 if dev.type != "cuda" else (

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import MeasureError
 from .timing import _device, synchronize
 
 __all__ = ["LaunchCount", "count_launches", "OverheadModel", "measure_launch_cost",
@@ -196,7 +197,7 @@ class OverheadModel:
 
     def __post_init__(self):
         if not (self.c_launch >= 0 and self.bandwidth > 0):
-            raise ValueError(f"c_launch must be >= 0 and bandwidth > 0, got {self.c_launch}, "
+            raise MeasureError(f"c_launch must be >= 0 and bandwidth > 0, got {self.c_launch}, "
                              f"{self.bandwidth}")
 
     def predict(self, launches: float, nbytes: float) -> float:

@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import MeasureError
+
 
 def position_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood (nats) of each target: logits (..., V) predicting
@@ -46,10 +48,10 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor,
 def perplexity_from_nll(total_nll: float, count: int) -> float:
     """exp(mean NLL): the token-weighted perplexity.
 
-    Raises ValueError (a plain one) when ``count`` <= 0: no tokens were scored;
+    Raises MeasureError (a ValueError) when ``count`` <= 0: no tokens were scored;
     score at least one token. OverflowError for a mean NLL too large for exp."""
     if count <= 0:
-        raise ValueError("no tokens were scored")
+        raise MeasureError("no tokens were scored")
     return math.exp(total_nll / count)
 
 
@@ -102,13 +104,13 @@ def bootstrap_interval(statistic, num_items: int, samples: int = 2000, level: fl
     independent (for text: windows, not the correlated tokens within one).
     (NaN, NaN) when no resample gives a finite value.
 
-    Raises ValueError (a plain one) naming the value for ``num_items`` < 2
+    Raises MeasureError (a ValueError) naming the value for ``num_items`` < 2
     (score more items) or ``level`` outside (0, 1).
     """
     if num_items < 2:
-        raise ValueError(f"a bootstrap needs at least 2 items, got {num_items}")
+        raise MeasureError(f"a bootstrap needs at least 2 items, got {num_items}")
     if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+        raise MeasureError(f"level must be in (0, 1), got {level}")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, num_items, (samples, num_items), generator=g)
     vals = statistic(idx).double()
@@ -130,7 +132,7 @@ def ppl_delta_interval(nll_ref: Sequence[float], nll: Sequence[float], tokens: S
     (N,) summed NLL (nats) per window; tokens: (N,) scored tokens per window.
     Windows are resampled in pairs, so what both models find hard cancels.
 
-    Raises ValueError as :func:`bootstrap_interval` (fewer than 2 windows,
+    Raises MeasureError as :func:`bootstrap_interval` (fewer than 2 windows,
     ``level`` outside (0, 1)); torch's errors for lists of different lengths."""
     a, b, n = (torch.as_tensor(v, dtype=torch.float64) for v in (nll_ref, nll, tokens))
     return bootstrap_interval(
@@ -154,7 +156,7 @@ def recovery_interval(nll_ref: Sequence[float], nll_base: Sequence[float], nll: 
     """Bootstrap interval of :func:`recovery`, all three models scored on the
     same windows (per-window summed NLL, (N,) each; tokens (N,)).
 
-    Raises ValueError as :func:`bootstrap_interval` (fewer than 2 windows,
+    Raises MeasureError as :func:`bootstrap_interval` (fewer than 2 windows,
     ``level`` outside (0, 1)); torch's errors for lists of different lengths."""
     a, base, b, n = (torch.as_tensor(v, dtype=torch.float64) for v in (nll_ref, nll_base, nll, tokens))
     return bootstrap_interval(lambda i: recovery(*(torch.exp(_mean_nll(x, n, i)) for x in (a, base, b))),
@@ -171,7 +173,7 @@ def speedup_interval(base_seconds: Sequence[float], base_tokens: Sequence[int],
     It covers how the speed-up varies from prompt to prompt (and the timing
     noise within one run), not a drift of the machine between runs.
 
-    Raises ValueError as :func:`bootstrap_interval` (fewer than 2 items,
+    Raises MeasureError as :func:`bootstrap_interval` (fewer than 2 items,
     ``level`` outside (0, 1)); torch's errors for lists of different lengths."""
     bs, bt, s, t = (torch.as_tensor(v, dtype=torch.float64) for v in
                     (base_seconds, base_tokens, seconds, tokens))
@@ -210,9 +212,9 @@ def serving_stats(ttft: Sequence[float], tpot: Sequence[float], total_tokens: in
     token (s, the mean inter-token latency of each request after its first
     token), with the total generated tokens over the wall time (tokens/s).
 
-    Raises ValueError (a plain one) when ``wall_time`` <= 0: pass the measured,
+    Raises MeasureError (a ValueError) when ``wall_time`` <= 0: pass the measured,
     positive wall time."""
     if wall_time <= 0:
-        raise ValueError("wall_time must be positive")
+        raise MeasureError("wall_time must be positive")
     return ServingStats(percentile(ttft, 50), percentile(ttft, 99), percentile(tpot, 50),
                         percentile(tpot, 99), total_tokens / wall_time, len(ttft), total_tokens)

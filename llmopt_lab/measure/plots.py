@@ -20,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 
+from ..errors import MeasureError
 from . import results
 from .device import DeviceLimits
 
@@ -173,11 +174,11 @@ def speedup_bars(labels: Sequence[str], speedups: Sequence[float], baseline: str
 
     labels, speedups: one per variant (speed-up = baseline time / variant
     time). baseline: its name, written on the dashed line at 1; the bar of a
-    label equal to it is grey. Returns the Figure. Raises ValueError when the
+    label equal to it is grey. Returns the Figure. Raises MeasureError (a ValueError) when the
     lengths differ.
     """
     if len(labels) != len(speedups):
-        raise ValueError(f"{len(labels)} labels for {len(speedups)} speed-ups")
+        raise MeasureError(f"{len(labels)} labels for {len(speedups)} speed-ups")
     fig, ax = _axes(ax)
     colors = ["0.6" if lab == baseline else "tab:blue" for lab in labels]
     bars = ax.bar(range(len(labels)), speedups, color=colors)
@@ -225,10 +226,10 @@ def pareto(quality: Sequence[float], speed: Sequence[float], labels: Sequence[st
     ``higher_quality_is_better=False``); speed: higher is better (tokens/s);
     labels: one per point. Draws all points (one scatter), the front's points
     (a second scatter) joined by a line, and a label per point.
-    Returns the Figure. Raises ValueError when the lengths differ.
+    Returns the Figure. Raises MeasureError (a ValueError) when the lengths differ.
     """
     if not len(quality) == len(speed) == len(labels):
-        raise ValueError("quality, speed and labels must have the same length")
+        raise MeasureError("quality, speed and labels must have the same length")
     fig, ax = _axes(ax)
     front = pareto_front(list(zip(speed, quality)), maximize=(True, higher_quality_is_better))
     ax.scatter(speed, quality, color="tab:blue", label="variants")
@@ -253,13 +254,13 @@ def sweep(x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, y
     """One line per series over a shared x (e.g. tokens/s against batch size).
 
     x: the swept values; series: {name: y values, one per x (NaN for a missing
-    point)}. Returns the Figure. Raises ValueError when a series' length
+    point)}. Returns the Figure. Raises MeasureError (a ValueError) when a series' length
     differs from x's.
     """
     fig, ax = _axes(ax)
     for name, ys in series.items():
         if len(ys) != len(x):
-            raise ValueError(f"series {name!r} has {len(ys)} values for {len(x)} x values")
+            raise MeasureError(f"series {name!r} has {len(ys)} values for {len(x)} x values")
         ax.plot(x, ys, marker="o", label=name)
     if logx:
         powers_of_two = all(v > 0 and float(v).is_integer() and int(v) & (int(v) - 1) == 0

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import MeasureError
 from .results import device_name
 from .timing import _device, synchronize
 
@@ -199,10 +200,15 @@ def profile_step(fn: Callable[[], Any], *, steps: int = 5, warmup: int = 2, devi
     ``fn`` must be repeatable (e.g. a decode step writing the same cache slot).
     Returns a :class:`StepProfile`.
 
-    Raises ZeroDivisionError for ``steps`` = 0 (pass ``steps`` >= 1); whatever
-    ``fn`` raises propagates; torch's RuntimeError for a device it cannot parse.
+    Raises MeasureError (a ValueError) for ``steps`` < 1 or ``warmup`` < 0;
+    whatever ``fn`` raises propagates; torch's RuntimeError for a device it
+    cannot parse.
     """
     from torch.profiler import ProfilerActivity, profile
+
+    for name, v, least in (("steps", steps, 1), ("warmup", warmup, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise MeasureError(f"profile_step needs {name} >= {least} (an integer), got {v!r}")
 
     dev = _device(device)
     cuda = dev.type == "cuda"

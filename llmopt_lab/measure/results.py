@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..errors import MeasureError
 from .timing import _device
 
 __all__ = ["provenance", "device_name", "device_slug", "save_result", "load_results",
@@ -190,11 +191,11 @@ def save_result(name: str, data: dict, root: str | Path | None = None, device: A
     root: default :func:`default_results_root`. stamp: add the provenance's
     date to the file name (``<name>-YYYYmmdd-HHMMSS.json``, then ``-2``,
     ``-3``, ... if taken) so that no earlier run is overwritten. Raises
-    ValueError for a name that is not a plain file name, TypeError for data
+    MeasureError (a ValueError) for a name that is not a plain file name, TypeError for data
     JSON cannot hold.
     """
     if not _NAME.fullmatch(name) or name.endswith(".json"):
-        raise ValueError(f"result name {name!r} must be a plain name like 'decode_sweep'")
+        raise MeasureError(f"result name {name!r} must be a plain name like 'decode_sweep'")
     if not isinstance(data, dict):
         raise TypeError(f"data must be a dict, got {type(data).__name__}")
     prov = data.get("provenance") or provenance(device)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ModelConfig, bytes_per_element
+from ..errors import MeasureError
 from .device import DeviceLimits
 
 __all__ = ["StepCost", "step_cost", "arithmetic_intensity", "attainable_flops", "roofline_time",
@@ -111,10 +112,10 @@ def step_cost(config: ModelConfig, batch: int, new_tokens: int, context_len: int
       attention's q read and output written, the logits written (an
       approximation: norms, RoPE and residual adds are assumed fused).
 
-    Returns a :class:`StepCost`. Raises ValueError on non-positive sizes.
+    Returns a :class:`StepCost`. Raises MeasureError (a ValueError) on non-positive sizes.
     """
     if batch < 1 or new_tokens < 1 or context_len < 0:
-        raise ValueError(f"need batch >= 1, new_tokens >= 1, context_len >= 0; got {batch}, "
+        raise MeasureError(f"need batch >= 1, new_tokens >= 1, context_len >= 0; got {batch}, "
                          f"{new_tokens}, {context_len}")
     c = config
     wb = _nbytes(dtype_bytes)
@@ -169,12 +170,12 @@ def step_cost(config: ModelConfig, batch: int, new_tokens: int, context_len: int
 def arithmetic_intensity(flops: float | StepCost, nbytes: float | None = None) -> float:
     """FLOP per byte: ``arithmetic_intensity(cost)`` or ``arithmetic_intensity(flops, bytes)``.
 
-    Raises ValueError (a plain one) when ``nbytes`` is missing or 0 with a
+    Raises MeasureError (a ValueError) when ``nbytes`` is missing or 0 with a
     FLOP count: pass the bytes moved."""
     if isinstance(flops, StepCost):
         return flops.intensity
     if not nbytes:
-        raise ValueError("bytes must be positive")
+        raise MeasureError("bytes must be positive")
     return flops / nbytes
 
 
@@ -182,7 +183,7 @@ def attainable_flops(intensity: float, limits: DeviceLimits, dtype: Any = "bf16"
     """The roofline: min(peak FLOP/s, bandwidth x intensity), in FLOP/s.
 
     Raises UnknownDtypeFigure (an UnsupportedDtypeError) when ``limits`` has
-    no figure for ``dtype``, ValueError as :func:`dtype_key` for a dtype with
+    no figure for ``dtype``, MeasureError as :func:`dtype_key` for a dtype with
     no key: pass a dtype the limits list."""
     return min(limits.flops(dtype), limits.bandwidth * intensity)
 
@@ -192,7 +193,7 @@ def roofline_time(cost: StepCost, limits: DeviceLimits, dtype: Any = "bf16") -> 
     max(flops / peak FLOP/s, bytes / bandwidth).
 
     Raises UnknownDtypeFigure (an UnsupportedDtypeError) when ``limits`` has
-    no figure for ``dtype``, ValueError as :func:`dtype_key` for a dtype with
+    no figure for ``dtype``, MeasureError as :func:`dtype_key` for a dtype with
     no key: pass a dtype the limits list."""
     return max(cost.flops / limits.flops(dtype), cost.bytes / limits.bandwidth)
 
@@ -201,8 +202,8 @@ def achieved_fraction(bound_s: float, measured_s: float) -> float:
     """Fraction of the roofline reached: roofline-bound time / measured time
     (1.0 = at the roof; both in seconds).
 
-    Raises ValueError (a plain one) when ``measured_s`` <= 0: pass the
+    Raises MeasureError (a ValueError) when ``measured_s`` <= 0: pass the
     measured, positive time."""
     if measured_s <= 0:
-        raise ValueError("measured time must be positive")
+        raise MeasureError("measured time must be positive")
     return bound_s / measured_s

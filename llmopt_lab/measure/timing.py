@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..errors import MeasureError
 from .metrics import percentile
 
 __all__ = ["Timing", "time_fn", "synchronize", "l2_cache_bytes", "OperandRotation"]
@@ -58,7 +59,7 @@ class Timing:
     min, max, mean: over ``samples``, the time of every timed run in order.
 
     Raises: nothing on construction (a plain record); :meth:`from_samples`
-    raises ValueError (a plain one) for an empty list of samples.
+    raises MeasureError (a ValueError) for an empty list of samples.
     """
 
     median: float
@@ -74,7 +75,7 @@ class Timing:
     @classmethod
     def from_samples(cls, samples: Sequence[float], device: str = "cpu") -> "Timing":
         if not samples:
-            raise ValueError("no samples")
+            raise MeasureError("no samples")
         s = [float(x) for x in samples]
         return cls(median=statistics.median(s), p10=percentile(s, 10), p90=percentile(s, 90),
                    min=min(s), max=max(s), mean=statistics.fmean(s), samples=s, device=device)
@@ -117,10 +118,10 @@ def time_fn(fn: Callable, *, warmup: int = 2, repeat: int = 10, device: Any = No
     setup: called before every run (warm-up included), outside the timed
         region; if it returns something other than None, ``fn`` is called with
         that value as its only argument (e.g. ``setup=rotation.next``).
-    Returns a :class:`Timing` in seconds. Raises ValueError if repeat < 1.
+    Returns a :class:`Timing` in seconds. Raises MeasureError (a ValueError) if repeat < 1.
     """
     if repeat < 1 or warmup < 0:
-        raise ValueError(f"need repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
+        raise MeasureError(f"need repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
     dev = _device(device)
     flush_buf = None
     if flush_l2:
@@ -215,7 +216,7 @@ class OperandRotation:
 
     Use: ``rot = OperandRotation((a, b)); time_fn(lambda ab: mm(*ab), setup=rot.next)``.
 
-    Raises ValueError (a plain one) when ``operands`` holds no tensor or its
+    Raises MeasureError (a ValueError) when ``operands`` holds no tensor or its
     tensors hold no bytes: pass the kernel's (non-empty) tensors. Torch's
     out-of-memory error when the copies do not fit (lower ``margin`` or
     ``max_copies``).
@@ -228,7 +229,7 @@ class OperandRotation:
         items = (operands,) if single else tuple(operands)
         tensors = [t for t in items if isinstance(t, torch.Tensor)]
         if not tensors:
-            raise ValueError("OperandRotation needs at least one tensor")
+            raise MeasureError("OperandRotation needs at least one tensor")
         self.bytes_per_set = sum(t.numel() * t.element_size() for t in tensors)
         if l2_bytes is None:
             l2_bytes = l2_cache_bytes(tensors[0].device)
@@ -243,7 +244,7 @@ class OperandRotation:
                       max_copies: int = 1024) -> int:
         """Smallest count of operand sets whose total exceeds margin x l2_bytes."""
         if bytes_per_set <= 0:
-            raise ValueError("operands hold no bytes")
+            raise MeasureError("operands hold no bytes")
         return max(1, min(max_copies, math.floor(margin * l2_bytes / bytes_per_set) + 1))
 
     @property

@@ -80,11 +80,18 @@ def compare_quality(reference_model: nn.Module, model: nn.Module, evalset_ids: t
     on their own device; logits are compared in float32 on the CPU.
 
     Raises QuantizationError when the windows score no tokens (every length
-    below 2: pass windows of at least 2 real tokens); ValueError for
-    ``evalset_ids`` that is not 2-D; AttributeError for a model without a
-    ``device`` (an llmopt_lab Transformer has one); whatever the models raise
-    on the input (e.g. windows longer than their context).
+    below 2: pass windows of at least 2 real tokens), ``evalset_ids`` that is
+    not an (N, W) tensor, or a model without a ``device`` (an llmopt_lab
+    Transformer has one); whatever the models raise on the input (e.g.
+    windows longer than their context).
     """
+    for m, what in ((reference_model, "reference_model"), (model, "model")):
+        if not isinstance(getattr(m, "device", None), torch.device):
+            raise QuantizationError(f"compare_quality: {what} must be an llmopt_lab Transformer "
+                                    f"(a model with a .device), got {type(m).__name__}")
+    if not isinstance(evalset_ids, torch.Tensor) or evalset_ids.dim() != 2:
+        raise QuantizationError("compare_quality: evalset_ids must be an (N, W) token tensor, got "
+                                f"{getattr(evalset_ids, 'shape', type(evalset_ids).__name__)}")
     ids_all = evalset_ids
     N, W = ids_all.shape
     if lengths is None:
