@@ -12,6 +12,7 @@ from .config import ModelConfig, preset
 from .errors import LlmoptError
 from .generate import Generation, decode_one_token, generate, prefill, run_step
 from .model import Transformer
+from .recipe import Recipe
 from .sampling import SamplingParams
 from .serving import Engine, RequestOutput
 from .step import Step
@@ -21,4 +22,5 @@ __version__ = "0.1.0"
 
 __all__ = ["KVPool", "StaticCache", "ModelConfig", "preset", "LlmoptError", "Generation",
            "decode_one_token", "generate", "prefill", "run_step", "Transformer", "SamplingParams",
-           "Step", "Engine", "RequestOutput", "ZOO", "load_model", "save_model", "__version__"]
+           "Step", "Engine", "RequestOutput", "Recipe", "ZOO", "load_model", "save_model",
+           "__version__"]

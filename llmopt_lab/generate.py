@@ -363,7 +363,11 @@ def generate(model, input_ids, max_new_tokens: int | None = None, *, use_cache: 
             raise GraphError("CUDA graphs replay cached decode steps: use_cache must be True")
         GraphedDecoder.check_device(model)
     if use_cache:
-        kv = _storage_for(cache, config, B, total, device, model.dtype)
+        # every row takes `steps` decode steps (a row that has finished keeps writing padding),
+        # so the cache must hold the longest prompt plus the largest limit, not only the
+        # longest single request (clipped to the context: beyond it no request can reach)
+        kv_len = min(max(lengths) + steps, config.max_position_embeddings)
+        kv = _storage_for(cache, config, B, max(total, kv_len), device, model.dtype)
         if cuda_graph:
             decoder = GraphedDecoder(model, kv, max_batch=B, buckets=[B])
         if compile_mode is not None:

@@ -125,3 +125,18 @@ def test_static_cache_bytes():
     c = preset("tiny")
     cache = StaticCache(c, 3, 100, dtype=torch.float16)
     assert cache.nbytes == 2 * c.num_layers * 3 * c.num_kv_heads * 100 * c.head_dim * 2
+
+
+def test_per_row_limits_with_a_long_prompt_beside_a_long_output():
+    """A long prompt with a small limit batched next to a short prompt with a large
+    limit: the rows step together, so the cache must hold the longest prompt plus
+    the largest limit (it used to be sized for the longest single request)."""
+    from llmopt_lab import SamplingParams, Transformer, generate, preset
+
+    m = Transformer.from_config(preset("tiny"), seed=0)
+    prompts = [[1] * 10, [2] * 2]
+    params = [SamplingParams(max_new_tokens=2, ignore_eos=True),
+              SamplingParams(max_new_tokens=9, ignore_eos=True)]
+    out = generate(m, prompts, params=params)
+    alone = [generate(m, [p], params=[q]).tolist()[0] for p, q in zip(prompts, params)]
+    assert out.tolist() == alone
