@@ -130,14 +130,21 @@ def check(fn: Callable, reference: Callable, cases: list[Case], *, name: str | N
             print(f"   got:      {_short(got)}")
             if case.hint:
                 print(f"   hint: {case.hint}")
-    if failures:
-        msg = f"{name}: {len(failures)} of {len(cases)} cases failed ({', '.join(failures)})"
-        if first_exc is not None:
-            raise GradingError(msg) from first_exc
-        raise GradingError(msg)
+    _raise_if_failed(name, failures, len(cases), first_exc, sep=", ")
     print(f"All {len(cases)} checks of {name} passed." if len(cases) != 1 else
           f"The check of {name} passed.")
     return len(cases)
+
+
+def _raise_if_failed(name: str, failures: list, total: int, first_exc: BaseException | None,
+                     sep: str = "; ") -> None:
+    """Raise GradingError summarising the failed cases (chained from the first
+    exception the learner's code raised, if any); nothing when all passed."""
+    if failures:
+        msg = f"{name}: {len(failures)} of {total} cases failed ({sep.join(failures)})"
+        if first_exc is not None:
+            raise GradingError(msg) from first_exc
+        raise GradingError(msg)
 
 
 def _clone(x: Any) -> Any:
@@ -218,11 +225,7 @@ def check_ridge_batch(fn: Callable, config, limits, dtype, contexts, *, max_batc
         else:
             failures.append(label)
             print(f"❌ {label}: {why}")
-    if failures:
-        msg = f"{name}: {len(failures)} of {len(contexts)} cases failed ({'; '.join(failures)})"
-        if first_exc is not None:
-            raise GradingError(msg) from first_exc
-        raise GradingError(msg)
+    _raise_if_failed(name, failures, len(contexts), first_exc)
     print(f"All {len(contexts)} checks of {name} passed (ridge point {ridge:.3g} FLOP/byte).")
     return answers
 
@@ -306,10 +309,6 @@ def check_kl_budget_plan(fn: Callable, sens, kl_budgets, *, rel_tol: float = 0.0
         else:
             answers[budget] = (best.nbytes, nbytes)
             print(f"✅ {label}: {nbytes:,} B (the fewest: {best.nbytes:,} B), predicted KL {kl:.4g}")
-    if failures:
-        msg = f"{name}: {len(failures)} of {len(kl_budgets)} cases failed ({'; '.join(failures)})"
-        if first_exc is not None:
-            raise GradingError(msg) from first_exc
-        raise GradingError(msg)
+    _raise_if_failed(name, failures, len(kl_budgets), first_exc)
     print(f"All {len(kl_budgets)} checks of {name} passed.")
     return answers
